@@ -1,0 +1,133 @@
+"""The OpenELM decoder in MLX: layer-wise-scaled GQA attention with Q/K RMSNorm, RoPE, SwiGLU.
+
+Module attribute names equal Apple's Hugging Face checkpoint keys, so weights load strictly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# mlx-lm's helpers dispatch on its cache types (quantized KV caches, batch masks with
+# left padding, rotating windows), so our model runs under all of mlx-lm's caches.
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+
+from .config import OpenELMConfig
+
+RMS_NORM_EPS = 1e-6
+
+
+class Attention(nn.Module):
+    """Causal GQA attention with a fused qkv projection, split by heads as `[Q | K | V]`."""
+
+    def __init__(self, config: OpenELMConfig, layer_idx: int):
+        super().__init__()
+        self.n_heads = config.num_query_heads[layer_idx]
+        self.n_kv_heads = config.num_kv_heads[layer_idx]
+        self.head_dim = head_dim = config.head_dim
+        self.rope_base = float(config.rope_freq_constant)
+        self.scale = head_dim**-0.5
+        D = config.model_dim
+        self.qkv_proj = nn.Linear(D, (self.n_heads + 2 * self.n_kv_heads) * head_dim, bias=False)
+        if config.normalize_qk_projections:
+            self.q_norm = nn.RMSNorm(head_dim, eps=RMS_NORM_EPS)
+            self.k_norm = nn.RMSNorm(head_dim, eps=RMS_NORM_EPS)
+        self.out_proj = nn.Linear(self.n_heads * head_dim, D, bias=False)
+
+    def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        B, L, _ = x.shape
+        qkv = self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qkv = qkv.transpose(0, 2, 1, 3)  # (B, n_heads + 2 * n_kv_heads, L, head_dim)
+        q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        offset = cache.offset if cache is not None else 0
+        q, k = self._rope(q, offset), self._rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, n_heads * head_dim)
+        return self.out_proj(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU with a fused `proj_1` whose rows are `[gate | up]`, or plain SiLU without GLU."""
+
+    def __init__(self, config: OpenELMConfig, layer_idx: int):
+        super().__init__()
+        hidden = config.intermediate_sizes[layer_idx]
+        self.glu = config.ffn_with_glu
+        self.proj_1 = nn.Linear(config.model_dim, (2 if self.glu else 1) * hidden, bias=False)
+        self.proj_2 = nn.Linear(hidden, config.model_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.proj_1(x)
+        if self.glu:
+            gate, up = mx.split(h, 2, axis=-1)
+            return self.proj_2(nn.silu(gate) * up)
+        return self.proj_2(nn.silu(h))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: `h = x + attn(attn_norm(x))`, `out = h + ffn(ffn_norm(h))`."""
+
+    def __init__(self, config: OpenELMConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.model_dim, eps=RMS_NORM_EPS)
+        self.attn = Attention(config, layer_idx)
+        self.ffn_norm = nn.RMSNorm(config.model_dim, eps=RMS_NORM_EPS)
+        self.ffn = FeedForward(config, layer_idx)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        h = x + self.attn(self.attn_norm(x), mask, cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Embedding, decoder layers and final norm (the `transformer.` prefix of the checkpoint)."""
+
+    def __init__(self, config: OpenELMConfig):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(config.vocab_size, config.model_dim)
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_transformer_layers)]
+        self.norm = nn.RMSNorm(config.model_dim, eps=RMS_NORM_EPS)
+
+    def __call__(self, tokens: mx.array, cache: list[Any] | None = None) -> mx.array:
+        h = self.token_embeddings(tokens)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        mask = create_attention_mask(h, cache[0])
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, mask, layer_cache)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """OpenELM causal LM: `model(tokens (B, L), cache=None) -> logits (B, L, vocab_size)`.
+
+    `cache` is a list with one KV cache per layer made outside the model, e.g. by
+    `mlx_lm.models.cache.make_prompt_cache(model)`.
+    """
+
+    def __init__(self, config: OpenELMConfig):
+        super().__init__()
+        self.config = config
+        self.model_type = "openelm"
+        self.transformer = Transformer(config)
+        if not config.share_input_output_layers:
+            self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: list[Any] | None = None) -> mx.array:
+        h = self.transformer(tokens, cache)
+        if self.config.share_input_output_layers:
+            return self.transformer.token_embeddings.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.transformer.layers
