@@ -283,3 +283,29 @@ def save(model: Model, path: str | Path, tokenizer: Any = None, config_extra: di
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(path)
+
+
+def load(path_or_repo: str | Path, tokenizer: str | Path | None = None, chat_template: bool | None = None,
+         lazy: bool = False) -> tuple[Model, Any]:
+    """Load a model and its tokenizer from a folder or a Hugging Face repo id.
+
+    Args:
+        path_or_repo: local model folder, or a Hub repo id (only the needed files are fetched).
+        tokenizer: a tokenizer.model path, a folder holding one, or a Hub repo id; default: the
+            model folder's own (Apple's repos ship none: pass e.g. "hf-internal-testing/llama-tokenizer").
+        chat_template: force the Instruct template on/off; default: recorded or named "Instruct".
+
+    Returns:
+        (model, tokenizer)
+
+    Raises:
+        CheckpointError, TokenizerNotFoundError, HubError: with what to do.
+    """
+    from .hub import resolve
+    from .tokenizer import find_tokenizer
+
+    folder = resolve(path_or_repo)
+    model = load_model(folder, lazy=lazy)
+    if chat_template is None and "instruct" in str(path_or_repo).lower():
+        chat_template = True
+    return model, find_tokenizer(folder, tokenizer, chat_template)

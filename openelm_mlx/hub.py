@@ -1,0 +1,47 @@
+"""Fetching model files from the Hugging Face Hub (honours HF_HOME and HF_HUB_OFFLINE)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+MODEL_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
+               "tokenizer_config.json", "special_tokens_map.json")
+
+
+class HubError(OSError):
+    """A repo could not be fetched; the message says why and what to do."""
+
+
+def download(repo_id: str, patterns: Sequence[str] = MODEL_FILES, revision: str | None = None) -> Path:
+    """Download only the files matching `patterns` from `repo_id`; return the local snapshot folder.
+
+    With HF_HUB_OFFLINE=1 the local cache is used and nothing is fetched.
+
+    Raises:
+        HubError: naming the repo, when it is unknown, gated, or not cached while offline.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".")):
+        raise HubError(f"{repo_id}: not a local path, nor a Hugging Face repo id like 'apple/OpenELM-270M'")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns), revision=revision))
+    except RepositoryNotFoundError:
+        raise HubError(f"{repo_id}: no such Hugging Face repo (or it is gated: run `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        raise HubError(
+            f"{repo_id}: not in the local Hugging Face cache and downloads are off or unreachable "
+            "(HF_HUB_OFFLINE is set, or no network)"
+        ) from None
+    except HfHubHTTPError as e:
+        raise HubError(f"{repo_id}: download failed ({e})") from None
+
+
+def resolve(path_or_repo: str | Path, patterns: Sequence[str] = MODEL_FILES) -> Path:
+    """A local folder as is; anything else is treated as a Hub repo id and downloaded."""
+    path = Path(path_or_repo)
+    if path.exists():
+        return path
+    return download(str(path_or_repo), patterns)

@@ -1,0 +1,183 @@
+"""OpenELM's tokenizer: LLaMA SentencePiece with BOS, the Instruct chat template, UTF-8-safe streaming.
+
+Apple's repos ship no tokenizer; `find_tokenizer` says exactly how to supply one.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+
+TOKENIZER_FILE = "tokenizer.model"
+LLAMA_TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
+EOS_TEXT = "</s>"
+# The zephyr-style template Apple's Instruct models were tuned with; `</s>` is the EOS token.
+CHAT_TEMPLATE_JINJA = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+CHAT_ROLES = ("system", "user", "assistant")
+
+Message = dict[str, str]
+
+
+class TokenizerNotFoundError(FileNotFoundError):
+    """No tokenizer.model next to the model and none given."""
+
+
+def render_chat(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """The Instruct prompt as text, `</s>` standing for EOS (BOS not included)."""
+    parts = []
+    for i, m in enumerate(messages):
+        if m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i}: needs 'role' in {CHAT_ROLES} and a string 'content', got {m!r}")
+        parts.append(f"<|{m['role']}|>\n{m['content']}{EOS_TEXT}\n")
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+class StreamingDetokenizer:
+    """Turns token ids into text pieces as they arrive, never emitting broken UTF-8.
+
+    Byte-fallback pieces (`<0xE2>` ...) are held until their character is complete, and the
+    SentencePiece leading space of the very first piece is dropped when `strip_leading_space`.
+    """
+
+    def __init__(self, sp: spm.SentencePieceProcessor, strip_leading_space: bool = True):
+        self._sp = sp
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip = strip_leading_space
+        self.text = ""
+
+    def add_token(self, token: int) -> str:
+        """Add one id; return the newly complete text (possibly empty)."""
+        sp = self._sp
+        if sp.is_control(token):
+            return ""
+        if sp.is_byte(token):
+            data = bytes([int(sp.id_to_piece(token)[3:5], 16)])
+        elif sp.is_unknown(token):
+            data = " \u2047 ".encode()
+        else:
+            data = sp.id_to_piece(token).replace("\u2581", " ").encode()
+        return self._emit(self._decoder.decode(data, final=False))
+
+    def finalize(self) -> str:
+        """Flush what is held (an incomplete byte sequence becomes U+FFFD)."""
+        return self._emit(self._decoder.decode(b"", final=True))
+
+    def _emit(self, piece: str) -> str:
+        if self._strip and piece:
+            piece, self._strip = piece.removeprefix(" "), False
+        self.text += piece
+        return piece
+
+
+class Tokenizer:
+    """SentencePiece tokenizer with OpenELM's conventions (unk 0, BOS 1, EOS 2; BOS prepended).
+
+    Args:
+        model_file: a SentencePiece `tokenizer.model`.
+        chat_template: True to render chat messages with the Instruct template.
+    """
+
+    def __init__(self, model_file: str | Path, chat_template: bool = False):
+        self.model_file = Path(model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{self.model_file}: not a SentencePiece model ({e})") from None
+        self.chat_template = chat_template
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids for `text`, with BOS first unless `add_bos=False`."""
+        ids = self.sp.encode(text)
+        return [self.bos_id, *ids] if add_bos and self.bos_id >= 0 else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                            add_bos: bool = True) -> list[int]:
+        """Ids of the Instruct prompt: every `</s>` becomes the EOS id, never the text."""
+        chunks = render_chat(messages, add_generation_prompt).split(EOS_TEXT)
+        ids = [self.bos_id] if add_bos else []
+        for i, chunk in enumerate(chunks):
+            if i:
+                ids.append(self.eos_id)
+            if chunk:
+                ids.extend(self.sp.encode(chunk))
+        return ids
+
+    def detokenizer(self, strip_leading_space: bool = True) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self.sp, strip_leading_space)
+
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.model and a tokenizer_config.json that transformers / mlx-lm read."""
+        folder = Path(folder)
+        if self.model_file.resolve() != (folder / TOKENIZER_FILE).resolve():
+            shutil.copyfile(self.model_file, folder / TOKENIZER_FILE)
+        cfg: dict[str, Any] = {
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
+        }
+        if self.chat_template:
+            cfg["chat_template"] = CHAT_TEMPLATE_JINJA
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def find_tokenizer(model_dir: Path, tokenizer: str | Path | None = None, chat_template: bool | None = None) -> Tokenizer:
+    """The tokenizer for a model folder: `tokenizer` (a file, folder or Hub repo) or the folder's own.
+
+    `chat_template=None` uses the Instruct template when the folder records one
+    (tokenizer_config.json) or its name says "Instruct".
+
+    Raises:
+        TokenizerNotFoundError: with the exact ways to supply one.
+    """
+    model_dir = Path(model_dir)
+    if chat_template is None:
+        chat_template = _records_chat_template(model_dir) or "instruct" in model_dir.name.lower()
+    if tokenizer is None:
+        path = model_dir / TOKENIZER_FILE
+        if not path.is_file():
+            raise TokenizerNotFoundError(
+                f"{model_dir} has no {TOKENIZER_FILE} (Apple's OpenELM repos ship none). OpenELM uses the LLaMA "
+                f"tokenizer: pass `--tokenizer {LLAMA_TOKENIZER_REPO}` (or `tokenizer=` in Python) with a Hub repo "
+                f"or a local tokenizer.model, or copy a tokenizer.model into {model_dir}."
+            )
+        return Tokenizer(path, chat_template)
+    path = Path(tokenizer)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    elif not path.exists():
+        path = _download_tokenizer(str(tokenizer))
+    if not path.is_file():
+        raise TokenizerNotFoundError(f"{path}: tokenizer file not found")
+    return Tokenizer(path, chat_template)
+
+
+def _records_chat_template(model_dir: Path) -> bool:
+    cfg = model_dir / "tokenizer_config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return bool(json.loads(cfg.read_text()).get("chat_template"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def _download_tokenizer(repo_id: str) -> Path:
+    from .hub import download
+
+    return download(repo_id, [TOKENIZER_FILE]) / TOKENIZER_FILE

@@ -1,0 +1,121 @@
+"""Save/load: exact round trips, mlx-lm interoperability, and clear errors on bad files."""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.utils import load_model as mlx_lm_load_model
+
+from openelm_mlx import CheckpointError, load_model, save
+
+X = mx.array([[1, 5, 7, 9, 11, 2]])
+
+
+def test_save_load_is_exact(tiny_model, tmp_path):
+    save(tiny_model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert mx.array_equal(loaded(X), tiny_model(X))
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["num_query_heads"] == [2, 4, 4, 4]
+
+
+def test_saved_model_loads_with_mlx_lm(tiny_model, tmp_path):
+    save(tiny_model, tmp_path / "m")
+    theirs, _ = mlx_lm_load_model(tmp_path / "m")
+    assert mx.array_equal(theirs(X), tiny_model(X))
+
+
+def test_quantized_save_load_round_trip(tiny_model, tmp_path):
+    nn.quantize(tiny_model, group_size=32, bits=4)
+    save(tiny_model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
+    assert mx.array_equal(load_model(tmp_path / "q")(X), tiny_model(X))
+    theirs, _ = mlx_lm_load_model(tmp_path / "q")
+    assert mx.array_equal(theirs(X), tiny_model(X))
+
+
+def test_sharded_save_writes_an_index_and_loads(tiny_model, tmp_path):
+    save(tiny_model, tmp_path / "s", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert mx.array_equal(load_model(tmp_path / "s")(X), tiny_model(X))
+    # Re-saving unsharded into the same folder removes the old shards and index.
+    save(tiny_model, tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_apple_untied_checkpoint_drops_unused_classifier(tmp_path):
+    from conftest import random_model
+
+    from openelm_mlx.config import OpenELMConfig
+
+    model = random_model(OpenELMConfig.tiny(share_input_output_layers=False))
+    save(model, tmp_path / "u")
+    weights = mx.load(str(tmp_path / "u" / "model.safetensors"))
+    weights["transformer.classifier.weight"] = mx.zeros((4, 4))
+    mx.save_safetensors(str(tmp_path / "u" / "model.safetensors"), weights)
+    assert mx.array_equal(load_model(tmp_path / "u")(X), model(X))
+
+
+def _saved(model, tmp_path: Path) -> Path:
+    save(model, tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_missing_config_names_the_file(tiny_model, tmp_path):
+    path = _saved(tiny_model, tmp_path)
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json: file not found"):
+        load_model(path)
+
+
+def test_wrong_shape_names_file_and_tensor(tiny_model, tmp_path):
+    path = _saved(tiny_model, tmp_path)
+    w = mx.load(str(path / "model.safetensors"))
+    w["transformer.layers.1.ffn.proj_2.weight"] = mx.zeros((64, 10))
+    mx.save_safetensors(str(path / "model.safetensors"), w)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'transformer.layers.1.ffn.proj_2.weight' "
+                                              r"has shape \(64, 10\), config expects \(64, 128\)"):
+        load_model(path)
+
+
+def test_unknown_and_missing_tensors_are_named(tiny_model, tmp_path):
+    path = _saved(tiny_model, tmp_path)
+    w = mx.load(str(path / "model.safetensors"))
+    w["transformer.layers.9.attn.bogus.weight"] = mx.zeros((2,))
+    mx.save_safetensors(str(path / "model.safetensors"), w)
+    with pytest.raises(CheckpointError, match="unknown tensor 'transformer.layers.9.attn.bogus.weight'"):
+        load_model(path)
+    del w["transformer.layers.9.attn.bogus.weight"], w["transformer.norm.weight"]
+    mx.save_safetensors(str(path / "model.safetensors"), w)
+    with pytest.raises(CheckpointError, match="missing tensor.*transformer.norm.weight"):
+        load_model(path)
+
+
+def test_truncated_safetensors_names_file_and_tensor(tiny_model, tmp_path):
+    path = _saved(tiny_model, tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: truncated: tensor '.+' needs bytes"):
+        load_model(path)
+    (path / "model.safetensors").write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated safetensors file"):
+        load_model(path)
+
+
+def test_failed_save_leaves_existing_model_untouched(tiny_model, tmp_path):
+    path = _saved(tiny_model, tmp_path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    class BrokenTokenizer:
+        def save(self, folder):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save(tiny_model, path, tokenizer=BrokenTokenizer())
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left behind
+    shutil.rmtree(path)
