@@ -309,3 +309,32 @@ def load(path_or_repo: str | Path, tokenizer: str | Path | None = None, chat_tem
     if chat_template is None and "instruct" in str(path_or_repo).lower():
         chat_template = True
     return model, find_tokenizer(folder, tokenizer, chat_template)
+
+
+def read_arch_config(path: str | Path) -> OpenELMConfig:
+    """An architecture from a JSON or YAML file.
+
+    Accepts a flat dict with CoreNet's GPTConfig / Apple's config.json field names, or a CoreNet
+    training YAML naming a released size (`model.language_modeling.general_gpt.model_name`).
+
+    Raises:
+        CheckpointError: naming the file, when it cannot be read or is not a valid config.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())  # JSON is YAML
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path}: not valid JSON/YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a mapping of config fields")
+    try:
+        gpt = data.get("model", {}).get("language_modeling", {}).get("general_gpt", {})
+        if isinstance(gpt, dict) and "model_name" in gpt:
+            return OpenELMConfig.from_preset(gpt["model_name"], **{k: v for k, v in gpt.items() if k != "model_name"})
+        return OpenELMConfig.from_dict(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None

@@ -1,0 +1,115 @@
+"""The `openelm-mlx` command: one typer app, one thin command per verb."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Run, convert, quantize, fine-tune and pretrain Apple's OpenELM models with MLX.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Errors a user can cause print one line on stderr and exit 1, without a traceback."""
+    from .data import DataError
+    from .hub import HubError
+    from .io import CheckpointError
+
+    try:
+        yield
+    except (CheckpointError, DataError, HubError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _arch(arch: str | None, arch_config: Path | None):  # -> OpenELMConfig | None
+    from .config import OpenELMConfig
+    from .io import read_arch_config
+
+    if arch and arch_config:
+        raise ValueError("give --arch or --arch-config, not both")
+    if arch:
+        return OpenELMConfig.from_preset(arch)
+    if arch_config:
+        return read_arch_config(arch_config)
+    return None
+
+
+@app.command("train-tokenizer")
+def train_tokenizer_cmd(
+    data: Annotated[list[Path], typer.Option(help="Text files, folders, or JSONL with a 'text' field.")],
+    vocab_size: Annotated[int, typer.Option(help="Number of pieces (>= 259: 256 bytes + unk/BOS/EOS).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the .model file.")],
+) -> None:
+    """Train a SentencePiece BPE tokenizer (byte fallback; unk 0, BOS 1, EOS 2)."""
+    from .pretrain import train_tokenizer
+    from .tokenizer import Tokenizer
+
+    with user_errors():
+        path = train_tokenizer([str(d) for d in data], vocab_size, output)
+        tok = Tokenizer(path)
+        typer.echo(f"wrote {path} ({tok.vocab_size} pieces)")
+
+
+@app.command()
+def pretrain(
+    data: Annotated[list[Path], typer.Option(help="Text files, folders, or JSONL with a 'text' field.")],
+    tokenizer: Annotated[Path, typer.Option(help="SentencePiece tokenizer.model (see train-tokenizer).")],
+    out: Annotated[Path, typer.Option(help="Run folder: log.jsonl, checkpoints/, and the final model.")],
+    arch: Annotated[str | None, typer.Option(help="A released size, e.g. OpenELM-270M.")] = None,
+    arch_config: Annotated[Path | None, typer.Option(help="JSON/YAML with CoreNet GPTConfig fields.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch per process.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (CoreNet 270M: 5.3e-3).")] = 5.3e-3,
+    min_lr: Annotated[float | None, typer.Option(help="Final cosine learning rate (default lr/10).")] = None,
+    warmup: Annotated[int, typer.Option(help="Linear warmup steps from 1e-6.")] = 100,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms).")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).")] = 1.0,
+    z_loss: Annotated[float, typer.Option(help="z-loss weight on logsumexp^2.")] = 1e-4,
+    dtype: Annotated[str, typer.Option(help="Compute dtype: float32 or bfloat16 (float32 master weights).")] = "float32",
+    grad_checkpoint: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
+    eval_every: Annotated[int, typer.Option(help="Held-out loss every N steps (0: only never).")] = 100,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: never).")] = 500,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of tokens held out.")] = 0.02,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
+) -> None:
+    """Pretrain an OpenELM from scratch (CoreNet's recipe); run with `mlx.launch` for several processes."""
+    from .pretrain import PretrainConfig
+    from .pretrain import pretrain as run_pretraining
+
+    with user_errors():
+        config = _arch(arch, arch_config)
+        if config is None:
+            raise ValueError("give --arch (e.g. OpenELM-270M) or --arch-config FILE")
+        run = PretrainConfig(
+            data=[str(d) for d in data], tokenizer=str(tokenizer), out=str(out), steps=steps, batch_size=batch_size,
+            seq_len=seq_len, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay,
+            grad_clip=grad_clip, z_loss=z_loss, dtype=dtype, grad_checkpoint=grad_checkpoint, eval_every=eval_every,
+            save_every=save_every, val_fraction=val_fraction, seed=seed, resume=resume,
+        )
+        metrics = run_pretraining(config, run)
+        summary = f"step {metrics['step']}: loss {metrics.get('loss', float('nan')):.4f}"
+        if "val_loss" in metrics:
+            summary += f", held-out loss {metrics['val_loss']:.4f}"
+        typer.echo(f"{summary}; model saved in {out}", err=True)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="openelm-mlx")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

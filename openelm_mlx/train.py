@@ -1,0 +1,197 @@
+"""The training loop shared by pretraining and LoRA: the loss, batches and callbacks are passed in.
+
+Float32 master weights with optional bfloat16 compute, gradient accumulation and clipping,
+data parallelism through `mx.distributed`, and atomic, exactly-resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .io import atomic_output_dir
+
+Batch = tuple[mx.array, ...]
+LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (loss, n_tokens)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay (CoreNet's recipe by default)."""
+
+    lr: float
+    steps: int
+    warmup: int = 0
+    min_lr: float | None = None  # default lr / 10
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_init_lr: float = 1e-6
+
+
+def make_schedule(cfg: OptimizerConfig) -> Callable[[mx.array], mx.array]:
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    cosine = optim.cosine_decay(cfg.lr, max(1, cfg.steps - cfg.warmup), end=min_lr)
+    if cfg.warmup <= 0:
+        return cosine
+    warmup = optim.linear_schedule(min(cfg.warmup_init_lr, cfg.lr), cfg.lr, cfg.warmup)
+    return optim.join_schedules([warmup, cosine], [cfg.warmup])
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optim.Optimizer:
+    """AdamW; 1-D parameters (norms) get no weight decay."""
+    schedule = make_schedule(cfg)
+    no_decay = optim.AdamW(schedule, betas=list(cfg.betas), eps=cfg.eps, weight_decay=0.0)
+    decay = optim.AdamW(schedule, betas=list(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return optim.MultiOptimizer([no_decay, decay], [lambda path, p: p.ndim <= 1])
+
+
+def lm_loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array | None = None,
+            z_loss: float = 0.0) -> tuple[mx.array, mx.array]:
+    """Mean next-token cross-entropy (+ z_loss * logsumexp^2) over the (masked) targets."""
+    logits = model(inputs).astype(mx.float32)
+    lse = mx.logsumexp(logits, axis=-1)
+    loss = lse - mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    if mask is None:
+        return loss.mean(), mx.array(loss.size)
+    n = mask.sum()
+    return (loss * mask).sum() / mx.maximum(n, 1), n
+
+
+def enable_grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (this model's layers only)."""
+    base = type(model.layers[0])
+
+    class Checkpointed(base):  # type: ignore[misc, valid-type]
+        def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+            def inner(params: dict, *a: Any) -> mx.array:
+                self.update(params)
+                return base.__call__(self, *a, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args)
+
+    for layer in model.layers:
+        layer.__class__ = Checkpointed
+
+
+class Callback(Protocol):
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass
+class Trainer:
+    """Runs optimizer steps of `loss_fn` over `batch_fn(step)` micro-batches.
+
+    Args:
+        model: trained in place; its trainable parameters are the float32 master weights.
+        loss_fn: `(model, *batch) -> (loss, n_tokens)`.
+        optimizer: e.g. from `make_optimizer`.
+        compute_dtype: e.g. mx.bfloat16 for mixed precision; None computes in the weights' dtype.
+        grad_clip: global gradient-norm clip (0 disables).
+        group: an `mx.distributed` group; gradients and losses are averaged over it.
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    optimizer: optim.Optimizer
+    compute_dtype: mx.Dtype | None = None
+    grad_clip: float = 1.0
+    group: Any = None
+    compile: bool = True
+
+    def __post_init__(self) -> None:
+        self.world = self.group.size() if self.group is not None else 1
+        self.optimizer.init(self.model.trainable_parameters())
+        state = [self.model.state, self.optimizer.state]
+        grad_fn = self._grad_fn()
+        apply = self._apply
+        self._micro = mx.compile(grad_fn, inputs=state, outputs=state) if self.compile else grad_fn
+        self._apply_fn = mx.compile(apply, inputs=state, outputs=state) if self.compile else apply
+
+    def _grad_fn(self) -> Callable[..., tuple[mx.array, mx.array, dict]]:
+        model, dtype = self.model, self.compute_dtype
+
+        def objective(params: dict, *batch: mx.array) -> tuple[mx.array, mx.array]:
+            model.update(tree_map(lambda p: p.astype(dtype), params) if dtype is not None else params)
+            return self.loss_fn(model, *batch)
+
+        value_and_grad = mx.value_and_grad(objective)
+
+        def micro(*batch: mx.array) -> tuple[mx.array, mx.array, dict]:
+            master = model.trainable_parameters()
+            (loss, n_tokens), grads = value_and_grad(master, *batch)
+            model.update(master)  # restore the float32 master weights
+            return loss, n_tokens, grads
+
+        return micro
+
+    def _apply(self, grads: dict) -> mx.array:
+        norm = mx.array(0.0)
+        if self.grad_clip:
+            grads, norm = optim.clip_grad_norm(grads, self.grad_clip)
+        self.optimizer.update(self.model, grads)
+        return norm
+
+    def step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
+        """One optimizer step over `micro_batches` (gradient accumulation); returns metrics."""
+        tic = time.perf_counter()
+        total, grads, tokens = mx.array(0.0), None, 0
+        for batch in micro_batches:
+            loss, n_tokens, g = self._micro(*batch)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            total = total + loss
+            tokens += batch[0].size
+            mx.eval(total, grads)
+        k = len(micro_batches)
+        grads = tree_map(lambda g: g / k, grads)
+        loss = total / k
+        if self.world > 1:
+            grads = nn.average_gradients(grads, group=self.group)
+            loss = mx.distributed.all_sum(loss, group=self.group) / self.world
+        norm = self._apply_fn(grads)
+        mx.eval(self.model.state, self.optimizer.state, loss, norm)
+        seconds = time.perf_counter() - tic
+        return {"loss": loss.item(), "grad_norm": norm.item(), "tokens": tokens * self.world,
+                "tokens_per_sec": tokens * self.world / seconds, "seconds": seconds}
+
+    def evaluate(self, batches: Sequence[Batch]) -> float:
+        """Mean loss over `batches` in the compute dtype, without z-loss or gradients."""
+        if not batches:
+            return float("nan")
+        master = self.model.trainable_parameters()
+        if self.compute_dtype is not None:
+            self.model.update(tree_map(lambda p: p.astype(self.compute_dtype), master))
+        losses = [lm_loss(self.model, *map(mx.array, b))[0].item() for b in batches]
+        self.model.update(master)
+        return sum(losses) / len(losses)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.optimizers[0].learning_rate) if isinstance(
+            self.optimizer, optim.MultiOptimizer) else float(self.optimizer.learning_rate)
+
+    def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
+        """Model, optimizer state and `state` (step, seeds...) into `folder`, atomically."""
+        with atomic_output_dir(folder) as tmp:
+            mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())))
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+    def load_checkpoint(self, folder: Path) -> dict[str, Any]:
+        """Restore what `save_checkpoint` wrote; returns its `state`."""
+        self.model.load_weights(str(folder / "model.safetensors"))
+        opt_state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        self.optimizer.state = opt_state
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        return json.loads((folder / "state.json").read_text())
