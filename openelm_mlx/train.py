@@ -113,6 +113,10 @@ class Trainer:
     def __post_init__(self) -> None:
         self.world = self.group.size() if self.group is not None else 1
         self.optimizer.init(self.model.trainable_parameters())
+        self._build()
+
+    def _build(self) -> None:
+        """(Re)compile the step functions over the current model and optimizer state objects."""
         state = [self.model.state, self.optimizer.state]
         grad_fn = self._grad_fn()
         apply = self._apply
@@ -193,5 +197,6 @@ class Trainer:
         self.model.load_weights(str(folder / "model.safetensors"))
         opt_state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
         self.optimizer.state = opt_state
+        self._build()  # the compiled steps captured the previous state objects
         mx.eval(self.model.parameters(), self.optimizer.state)
         return json.loads((folder / "state.json").read_text())
