@@ -239,16 +239,18 @@ def _shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.a
     return shards
 
 
-def write_weights(out_dir: Path, weights: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def write_weights(out_dir: Path, weights: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES,
+                  metadata: dict[str, str] | None = None) -> None:
     """Write `model.safetensors`, or `model-0000k-of-0000n.safetensors` + index past the shard size."""
+    metadata = metadata or {"format": "mlx"}
     shards = _shards(weights, max_shard_bytes)
     if len(shards) == 1:
-        mx.save_safetensors(str(out_dir / "model.safetensors"), shards[0], metadata={"format": "mlx"})
+        mx.save_safetensors(str(out_dir / "model.safetensors"), shards[0], metadata=metadata)
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(out_dir / name), shard, metadata={"format": "mlx"})
+        mx.save_safetensors(str(out_dir / name), shard, metadata=metadata)
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

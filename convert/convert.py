@@ -1,0 +1,284 @@
+"""The file-I/O shell of conversion: Hugging Face / CoreNet checkpoints -> MLX, and MLX -> Hugging Face.
+
+Sources are read tensor by tensor and written shard by shard into a temporary folder, which is
+reloaded and shape-checked before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.hub import download
+from openelm_mlx.io import (
+    MAX_SHARD_BYTES,
+    CheckpointError,
+    atomic_output_dir,
+    check_weights,
+    load_model,
+    model_config_dict,
+    read_arch_config,
+    read_config,
+    read_json,
+    write_weights,
+)
+from openelm_mlx.model import Model
+from openelm_mlx.quantize import bits_per_weight, quantize_model
+from openelm_mlx.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerNotFoundError, find_tokenizer
+
+from .tables import HF_TABLE, TABLES, detect_format, invert, map_state_dict
+from .tensors import MX_DTYPES, LazyTensor, open_safetensors, read_index
+from .torch_zip import load_torch_zip
+
+HF_FILES = ("config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer.model",
+            "tokenizer_config.json", "special_tokens_map.json")
+HF_BIN_FILES = ("config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.model")
+AUTO_MAP = {"AutoConfig": "apple/OpenELM-270M--configuration_openelm.OpenELMConfig",
+            "AutoModelForCausalLM": "apple/OpenELM-270M--modeling_openelm.OpenELMForCausalLM"}
+
+
+@dataclass
+class Source:
+    """A checkpoint's tensors (lazy), its format, and the config and folder it came with."""
+
+    tensors: dict[str, LazyTensor]
+    format: str
+    label: str
+    folder: Path | None = None
+    config: OpenELMConfig | None = None
+
+
+@dataclass
+class Report:
+    output: Path
+    tensors: int
+    bytes_on_disk: int
+    seconds: float
+    dtype: str
+    bits_per_weight: float | None = None
+    float_layers: list[str] = dataclasses.field(default_factory=list)
+    tokenizer: str | None = None
+
+
+def _torch_state(path: Path) -> dict[str, LazyTensor]:
+    obj = load_torch_zip(path)
+    if isinstance(obj, dict) and "model_state_dict" in obj:  # CoreNet training_checkpoint_*.pt
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    for name, value in obj.items():
+        if not isinstance(value, LazyTensor):
+            raise ValueError(f"{path}: entry {name!r} is not a tensor")
+    return dict(obj)
+
+
+def _read_file(path: Path) -> dict[str, LazyTensor]:
+    if path.name.endswith(".index.json"):
+        state: dict[str, LazyTensor] = {}
+        for shard in read_index(path):
+            state.update(_read_file(shard))
+        return state
+    if path.suffix == ".safetensors":
+        return open_safetensors(path)
+    return _torch_state(path)
+
+
+def open_source(src: str | Path) -> Source:
+    """A local folder or file, or a Hub repo id (only the needed files are fetched)."""
+    path = Path(src)
+    if not path.exists():
+        path = download(str(src), HF_FILES)
+        if not any(path.glob("*.safetensors")):
+            path = download(str(src), HF_BIN_FILES)
+    if path.is_dir():
+        candidates = ["model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                      "pytorch_model.bin"]
+        found = [path / c for c in candidates if (path / c).exists()] or sorted(path.glob("model*.safetensors"))
+        if not found:
+            raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or shard index found")
+        tensors, folder = _read_file(found[0]), path
+    else:
+        tensors, folder = _read_file(path), path.parent
+    if any(name.endswith(".scales") for name in tensors):
+        raise CheckpointError(f"{src}: already quantized; convert a float checkpoint, or `export` this one")
+    config = read_config(folder)[0] if (folder / "config.json").exists() else None
+    return Source(tensors, detect_format(list(tensors)), str(src), folder, config)
+
+
+def _resize_vocab(tensors: dict[str, LazyTensor], rows: int) -> dict[str, LazyTensor]:
+    out = dict(tensors)
+    for name in ("transformer.token_embeddings.weight", "lm_head.weight"):
+        if name in out and out[name].shape[0] != rows:
+            t = out[name]
+            if t.shape[0] < rows:
+                raise CheckpointError(f"{t.source}: tensor {name!r} has {t.shape[0]} rows, fewer than vocab {rows}")
+            out[name] = LazyTensor((rows, *t.shape[1:]), t.dtype, lambda t=t: t.load()[:rows], t.source)
+    return out
+
+
+def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    total = 0
+    for name, size in sizes.items():
+        if shards[-1] and total + size > max_bytes:
+            shards.append([])
+            total = 0
+        shards[-1].append(name)
+        total += size
+    return shards
+
+
+def write_streaming(out: Path, tensors: dict[str, LazyTensor], dtype: mx.Dtype, max_bytes: int = MAX_SHARD_BYTES,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write tensors shard by shard, each read, cast and released in turn."""
+    sizes = {n: int(mx.zeros(0, dtype=dtype).itemsize) * _numel(t.shape) for n, t in tensors.items()}
+    plan = _plan_shards(sizes, max_bytes)
+    weight_map = {}
+    for i, names in enumerate(plan, 1):
+        file = "model.safetensors" if len(plan) == 1 else f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+        shard = {n: tensors[n].to_mx().astype(dtype) for n in names}
+        mx.save_safetensors(str(out / file), shard, metadata=metadata or {"format": "mlx"})
+        weight_map.update(dict.fromkeys(names, file))
+        del shard
+    if len(plan) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _choose_dtype(requested: str | None, tensors: dict[str, LazyTensor], config: OpenELMConfig, force: bool) -> str:
+    dtype = requested or tensors["transformer.token_embeddings.weight"].dtype
+    if dtype not in MX_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(MX_DTYPES)}, got {dtype!r}")
+    if dtype == "float16" and config.is_3b_shaped and not force:
+        raise ValueError("float16 overflows in 3B-shaped OpenELMs (activations reach the hundreds of thousands); "
+                         "use --dtype bfloat16, or pass --force to convert anyway")
+    return dtype
+
+
+def _tokenizer_for(source: Source, tokenizer: str | None, chat: bool, log: Callable[[str], None]) -> Tokenizer | None:
+    has_own = source.folder is not None and (source.folder / TOKENIZER_FILE).is_file()
+    if tokenizer is None and not has_own:
+        log("warning: no tokenizer found (Apple's OpenELM repos ship none). Add one now with "
+            "`--tokenizer hf-internal-testing/llama-tokenizer` (or a local tokenizer.model), "
+            "or later by copying a tokenizer.model into the output folder.")
+        return None
+    try:
+        return find_tokenizer(source.folder or Path("."), tokenizer, chat)
+    except TokenizerNotFoundError as e:
+        raise ValueError(str(e)) from None
+
+
+def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, tokenizer: str | None = None,
+            arch: str | None = None, arch_config: str | Path | None = None, vocab_size: int | None = None,
+            quantize: bool = False, q_bits: int = 4, q_group_size: int = 64, force: bool = False,
+            chat_template: bool | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] = print) -> Report:
+    """Convert a Hugging Face or CoreNet checkpoint into an MLX model folder.
+
+    `chat_template=None` records the Instruct template when the source or `arch` is named "Instruct".
+
+    Raises:
+        CheckpointError / ValueError / HubError: naming the file and tensor; nothing is written.
+    """
+    tic = time.perf_counter()
+    source = open_source(src)
+    config = _source_config(source, arch, arch_config)
+    tensors = map_state_dict(source.tensors, TABLES[source.format], source.label)
+    chat = chat_template if chat_template is not None else (
+        "instruct" in str(src).lower() or "instruct" in str(arch or "").lower())
+    tok = _tokenizer_for(source, tokenizer, chat, log)
+    rows = tensors["transformer.token_embeddings.weight"].shape[0] if "transformer.token_embeddings.weight" in tensors \
+        else config.vocab_size
+    vocab = vocab_size or (tok.vocab_size if tok is not None and rows > tok.vocab_size else rows)
+    if vocab_size is None and tok is None and rows != config.vocab_size:
+        log(f"warning: keeping all {rows} embedding rows (padded vocabulary); pass --vocab-size or --tokenizer "
+            "to drop the padding")
+    config = dataclasses.replace(config, vocab_size=vocab)
+    tensors = _resize_vocab(tensors, vocab)
+    check_weights(Model(config), tensors, {n: Path(t.source) for n, t in tensors.items()})
+    out_dtype = _choose_dtype(dtype, tensors, config, force)
+    report = Report(Path(dst), len(tensors), 0, 0.0, out_dtype, tokenizer=str(tok.model_file) if tok else None)
+    with atomic_output_dir(dst, stale=("model*.safetensors", "model.safetensors.index.json")) as tmp:
+        write_streaming(tmp, tensors, MX_DTYPES[out_dtype], max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": out_dtype}, indent=2))
+        if quantize:
+            _quantize_in_place(tmp, q_bits, q_group_size, max_shard_bytes, report)
+        if tok is not None:
+            tok.save(tmp)
+        load_model(tmp, lazy=True)  # reload: every tensor's shape checked against the config
+        report.bytes_on_disk = sum(f.stat().st_size for f in tmp.iterdir())
+    report.seconds = time.perf_counter() - tic
+    return report
+
+
+def _source_config(source: Source, arch: str | None, arch_config: str | Path | None) -> OpenELMConfig:
+    if arch and arch_config:
+        raise ValueError("give --arch or --arch-config, not both")
+    if arch:
+        return OpenELMConfig.from_preset(arch)
+    if arch_config:
+        return read_arch_config(arch_config)
+    if source.config is not None:
+        return source.config
+    raise ValueError(f"{source.label}: no config.json beside the checkpoint; name the architecture with "
+                     "--arch (e.g. OpenELM-270M) or --arch-config FILE")
+
+
+def _quantize_in_place(folder: Path, bits: int, group_size: int, max_shard_bytes: int, report: Report) -> None:
+    """Replace the float model in `folder` by its quantized version (config.json records the settings)."""
+    model = load_model(folder, lazy=True)
+    report.float_layers = quantize_model(model, bits, group_size)
+    mx.eval(model.parameters())  # read everything before the float files go
+    for f in folder.glob("model*.safetensors*"):
+        f.unlink()
+    write_weights(folder, dict(tree_flatten(model.parameters())), max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(model_config_dict(model), indent=2))
+    report.bits_per_weight = bits_per_weight(model)
+
+
+def export(src: str | Path, dst: str | Path, dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Report:
+    """Write an MLX model folder back as a Hugging Face folder in Apple's format (dequantizing if needed)."""
+    from mlx_lm.utils import dequantize_model
+
+    tic = time.perf_counter()
+    src = Path(src)
+    model = load_model(src, lazy=True)
+    raw = read_json(src / "config.json")
+    if raw.get("quantization"):
+        model = dequantize_model(model)
+    weights = dict(tree_flatten(model.parameters()))
+    out_dtype = dtype or str(model.transformer.norm.weight.dtype).removeprefix("mlx.core.")
+    if out_dtype not in MX_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(MX_DTYPES)}, got {out_dtype!r}")
+    names = invert(HF_TABLE)
+    hf = {names.get(k, k): v.astype(MX_DTYPES[out_dtype]) for k, v in weights.items()}
+    config = {**model.config.to_dict(), "torch_dtype": out_dtype, "auto_map": AUTO_MAP, "use_cache": True,
+              "transformers_version": "4.39.3"}
+    with atomic_output_dir(dst, stale=("model*.safetensors", "model.safetensors.index.json")) as tmp:
+        write_weights(tmp, hf, max_shard_bytes, metadata={"format": "pt"})  # transformers wants "pt"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in (TOKENIZER_FILE, "tokenizer_config.json"):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        size = sum(f.stat().st_size for f in tmp.iterdir())
+    return Report(Path(dst), len(hf), size, time.perf_counter() - tic, out_dtype)
+
+
+def describe(report: Report) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(report).items()}
