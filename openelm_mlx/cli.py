@@ -154,6 +154,128 @@ def export(
                    f"{report.bytes_on_disk / 1e6:.1f} MB in {report.seconds:.1f}s")
 
 
+def _load_for_generation(model: str | None, tokenizer: str | None):  # -> (model, tokenizer)
+    from .demo import DEMO_DIR, DEMO_NAME
+    from .io import load
+
+    if model is None:
+        typer.echo(f"Using the {DEMO_NAME}. For a real model: openelm-mlx convert apple/OpenELM-270M-Instruct "
+                   "--tokenizer hf-internal-testing/llama-tokenizer -o OpenELM-270M-Instruct, then "
+                   "--model OpenELM-270M-Instruct.", err=True)
+        model = str(DEMO_DIR)
+    return load(model, tokenizer=tokenizer)
+
+
+ModelOpt = Annotated[str | None, typer.Option(help="MLX model folder or Hub repo id (default: the bundled demo).")]
+TokenizerOpt = Annotated[str | None, typer.Option(help="tokenizer.model path/folder or Hub repo (Apple's repos "
+                                                       "ship none: hf-internal-testing/llama-tokenizer).")]
+MaxTokensOpt = Annotated[int, typer.Option(help="Most tokens to generate.")]
+TempOpt = Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass (1: off).")]
+RepPenaltyOpt = Annotated[float | None, typer.Option(
+    help="Penalty for repeating recent tokens; Apple's model card suggests 1.2.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed (same seed, same sample).")]
+SystemOpt = Annotated[str | None, typer.Option(help="System prompt (Instruct template).")]
+MaxKvOpt = Annotated[int | None, typer.Option(help="Rotating KV cache of this many tokens, for long runs.")]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="The prompt; '-' reads it from stdin.")],
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    max_tokens: MaxTokensOpt = 256,
+    temp: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0: off).")] = 0,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability (0: off).")] = 0.0,
+    repetition_penalty: RepPenaltyOpt = None,
+    seed: SeedOpt = None,
+    system: SystemOpt = None,
+    chat: Annotated[bool | None, typer.Option(
+        help="Wrap the prompt in the Instruct template (default: when the model has one).")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable; not printed).")] = None,
+    max_kv_size: MaxKvOpt = None,
+    kv_bits: Annotated[int | None, typer.Option(help="Quantize the KV cache to this many bits (4 or 8).")] = None,
+    kv_group_size: Annotated[int, typer.Option(help="Group size of the quantized KV cache.")] = 64,
+    draft_model: Annotated[str | None, typer.Option(
+        help="Smaller model with the same vocabulary for speculative decoding (e.g. 270M for 3B).")] = None,
+    num_draft_tokens: Annotated[int, typer.Option(help="Tokens the draft model proposes per step.")] = 3,
+    verbose: Annotated[bool, typer.Option(help="Print tokens/s and peak memory on stderr.")] = False,
+) -> None:
+    """Generate text; it streams to stdout (and nothing else goes there)."""
+    from .generate import stream_generate
+    from .io import load
+
+    with user_errors():
+        if prompt == "-":
+            prompt = sys.stdin.read()
+        m, tok = _load_for_generation(model, tokenizer)
+        draft = load(draft_model, tokenizer=tok.model_file)[0] if draft_model else None
+        last, drafted = None, 0
+        for step in stream_generate(m, tok, prompt, max_tokens, system=system, chat=chat, stop=stop or (),
+                                    temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, seed=seed, draft_model=draft,
+                                    num_draft_tokens=num_draft_tokens, max_kv_size=max_kv_size, kv_bits=kv_bits,
+                                    kv_group_size=kv_group_size):
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+            drafted += step.from_draft
+            last = step
+        sys.stdout.write("\n")
+        if verbose and last is not None:
+            typer.echo(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s", err=True)
+            typer.echo(f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s", err=True)
+            if draft is not None and last.generation_tokens:
+                typer.echo(f"draft tokens accepted: {drafted}/{last.generation_tokens} "
+                           f"({100 * drafted / last.generation_tokens:.0f}%)", err=True)
+            typer.echo(f"peak memory: {last.peak_memory_gb:.3f} GB", err=True)
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = 512,
+    temp: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    repetition_penalty: RepPenaltyOpt = None,
+    seed: SeedOpt = None,
+    max_kv_size: MaxKvOpt = None,
+) -> None:
+    """Chat with an Instruct model; the KV cache is kept between turns. /reset forgets, /exit quits,
+    Ctrl-C stops the current answer."""
+    from .chat import ChatSession
+
+    with user_errors():
+        m, tok = _load_for_generation(model, tokenizer)
+        session = ChatSession(m, tok, system=system, max_kv_size=max_kv_size, max_tokens=max_tokens, temp=temp,
+                              top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+        typer.echo("Type a message; /reset forgets the conversation, /exit quits.", err=True)
+        while True:
+            try:
+                line = input(">>> ")
+            except (EOFError, KeyboardInterrupt):
+                typer.echo("", err=True)
+                return
+            if line.strip() == "/exit":
+                return
+            if line.strip() == "/reset":
+                session.reset()
+                typer.echo("(conversation reset)", err=True)
+                continue
+            if not line.strip():
+                continue
+            try:
+                for step in session.send(line):
+                    sys.stdout.write(step.text)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                sys.stdout.write(" [stopped]")
+            sys.stdout.write("\n")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="openelm-mlx")
 
