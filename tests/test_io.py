@@ -119,3 +119,21 @@ def test_failed_save_leaves_existing_model_untouched(tiny_model, tmp_path):
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left behind
     shutil.rmtree(path)
+
+
+def test_models_written_by_mlx_lm_load_here(tmp_path, llama_tokenizer_path):
+    """mlx-lm's own `convert` (quantized) of an Apple-format folder loads with our loader, same logits."""
+    from mlx_lm import convert as mlx_lm_convert
+
+    from openelm_mlx.config import OpenELMConfig
+    from openelm_mlx.convert.convert import export
+    from openelm_mlx.tokenizer import Tokenizer
+
+    from conftest import random_model
+
+    model = random_model(OpenELMConfig.tiny(vocab_size=32000, model_dim=64))
+    save(model, tmp_path / "ours", tokenizer=Tokenizer(llama_tokenizer_path))
+    export(tmp_path / "ours", tmp_path / "hf")
+    mlx_lm_convert(str(tmp_path / "hf"), str(tmp_path / "theirs"), quantize=True, q_bits=4, q_group_size=32)
+    theirs, _ = mlx_lm_load_model(tmp_path / "theirs")
+    assert mx.array_equal(load_model(tmp_path / "theirs")(X), theirs(X))

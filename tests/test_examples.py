@@ -1,0 +1,45 @@
+"""Every script in examples/ runs to completion (so the examples never rot)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_every_example_is_tested():
+    tested = {"generate.py", "chat.py", "convert.py", "quantize.py", "pretrain.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+def test_generate_example():
+    out = _run(str(EXAMPLES / "generate.py"))
+    assert "generation tokens/s" in out and "JULIET:" in out
+
+
+def test_chat_example():
+    assert _run(str(EXAMPLES / "chat.py")).count("tokens in the KV cache") == 2
+
+
+def test_convert_example():
+    out = _run(str(EXAMPLES / "convert.py"))
+    assert "round trip gives identical logits: True" in out and "bits per weight" in out
+
+
+def test_quantize_example():
+    assert "bits per weight" in _run(str(EXAMPLES / "quantize.py"))
+
+
+def test_pretrain_example(shakespeare_path, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text(shakespeare_path.read_text()[:200_000])
+    out = _run(str(EXAMPLES / "pretrain.py"), str(small), str(tmp_path / "run"))
+    assert "held-out loss" in out and (tmp_path / "run" / "model.safetensors").is_file()
