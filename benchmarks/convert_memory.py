@@ -43,24 +43,31 @@ def make_checkpoint(folder: Path, dtype: str) -> Path:
     header, offset = {}, 0
     for name, shape in shapes.items():
         size = int(np.prod(shape)) * itemsize
-        header[name] = {"dtype": {"float32": "F32", "bfloat16": "BF16"}[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": {"float32": "F32", "bfloat16": "BF16"}[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     rng = np.random.default_rng(0)
     with open(folder / "model.safetensors", "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
-        for name, shape in shapes.items():
-            a = (rng.standard_normal(shape, dtype=np.float32) * 0.02)
+        for shape in shapes.values():
+            a = rng.standard_normal(shape, dtype=np.float32) * 0.02
             f.write(a.tobytes() if dtype == "float32" else (a.view(np.uint32) >> 16).astype(np.uint16).tobytes())
     return folder
 
 
 def convert_in_child(src: Path, dst: Path, dtype: str, quantize: bool) -> dict:
     tic = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), dtype, "1" if quantize else "0"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), str(dst), dtype, "1" if quantize else "0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     wall = time.perf_counter() - tic
     result = json.loads(out.stdout.strip().splitlines()[-1])
     shards = sorted(dst.glob("model*.safetensors"), key=lambda p: p.stat().st_size)
@@ -82,10 +89,12 @@ def main() -> None:
             dst = work / ("mlx-q4" if quantize else "mlx")
             r = convert_in_child(src, dst, args.dtype, quantize)
             label = "convert -q (4-bit)" if quantize else "convert"
-            print(f"{label}: {r['wall']:.1f}s wall; peak RSS {r['peak_rss'] / 1e9:.2f} GB = "
-                  f"{r['peak_rss'] / size:.2f} x the source shard; output {r['bytes'] / 1e9:.2f} GB, "
-                  f"largest output shard {r['largest_output_shard'] / 1e9:.2f} GB; "
-                  f"peak / (source + output shard) = {r['peak_rss'] / (size + r['largest_output_shard']):.2f}")
+            print(
+                f"{label}: {r['wall']:.1f}s wall; peak RSS {r['peak_rss'] / 1e9:.2f} GB = "
+                f"{r['peak_rss'] / size:.2f} x the source shard; output {r['bytes'] / 1e9:.2f} GB, "
+                f"largest output shard {r['largest_output_shard'] / 1e9:.2f} GB; "
+                f"peak / (source + output shard) = {r['peak_rss'] / (size + r['largest_output_shard']):.2f}"
+            )
             shutil.rmtree(dst)
         mx.clear_cache()
     finally:

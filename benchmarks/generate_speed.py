@@ -60,10 +60,14 @@ def main() -> None:
     for _ in range(args.rounds):
         results["openelm-mlx"].append(ours(our_model, our_tok, ids, args.max_tokens))
         results["mlx-lm"].append(theirs(their_model, their_tok, ids, args.max_tokens))
-    med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v), v[-1][2])
-           for k, v in results.items()}
-    print(f"270M-shaped, {args.dtype}, {args.prompt_tokens}-token prompt, {args.max_tokens} new tokens, "
-          f"median of {args.rounds} alternating rounds on {mx.default_device()}")
+    med = {
+        k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v), v[-1][2])
+        for k, v in results.items()
+    }
+    print(
+        f"270M-shaped, {args.dtype}, {args.prompt_tokens}-token prompt, {args.max_tokens} new tokens, "
+        f"median of {args.rounds} alternating rounds on {mx.default_device()}"
+    )
     for name, (ptps, gtps, n) in med.items():
         print(f"  {name:12s} prompt {ptps:8.1f} tok/s   generation {gtps:7.2f} tok/s   ({n} tokens)")
     o, t = med["openelm-mlx"], med["mlx-lm"]

@@ -39,15 +39,30 @@ def main() -> None:
     rows = {}
     for dtype in ("float32", "bfloat16"):
         for ckpt in (False, True):
-            out = subprocess.run([sys.executable, "-c", CHILD, dtype, "1" if ckpt else "0", str(args.batch_size),
-                                  str(args.seq_len), str(args.steps)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    dtype,
+                    "1" if ckpt else "0",
+                    str(args.batch_size),
+                    str(args.seq_len),
+                    str(args.steps),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows[(dtype, ckpt)] = json.loads(out.stdout.strip().splitlines()[-1])
     base = rows[("float32", False)]
     print(f"270M-shaped step, batch {args.batch_size} x {args.seq_len} tokens (best of steps 2..{args.steps}):")
     for (dtype, ckpt), r in rows.items():
-        print(f"  {dtype:8s} grad-checkpoint={'on ' if ckpt else 'off'}  {r['tokens_per_sec']:8.1f} tok/s "
-              f"({r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x)  peak {r['peak_gb']:.2f} GB "
-              f"({r['peak_gb'] / base['peak_gb']:.2f}x)")
+        print(
+            f"  {dtype:8s} grad-checkpoint={'on ' if ckpt else 'off'}  {r['tokens_per_sec']:8.1f} tok/s "
+            f"({r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x)  peak {r['peak_gb']:.2f} GB "
+            f"({r['peak_gb'] / base['peak_gb']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

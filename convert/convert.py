@@ -40,11 +40,19 @@ from .tables import HF_TABLE, TABLES, detect_format, invert, map_state_dict
 from .tensors import MX_DTYPES, LazyTensor, open_safetensors, read_index
 from .torch_zip import load_torch_zip
 
-HF_FILES = ("config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer.model",
-            "tokenizer_config.json", "special_tokens_map.json")
+HF_FILES = (
+    "config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 HF_BIN_FILES = ("config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.model")
-AUTO_MAP = {"AutoConfig": "apple/OpenELM-270M--configuration_openelm.OpenELMConfig",
-            "AutoModelForCausalLM": "apple/OpenELM-270M--modeling_openelm.OpenELMForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "apple/OpenELM-270M--configuration_openelm.OpenELMConfig",
+    "AutoModelForCausalLM": "apple/OpenELM-270M--modeling_openelm.OpenELMForCausalLM",
+}
 
 
 @dataclass
@@ -101,8 +109,12 @@ def open_source(src: str | Path) -> Source:
         if not any(path.glob("*.safetensors")):
             path = download(str(src), HF_BIN_FILES)
     if path.is_dir():
-        candidates = ["model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                      "pytorch_model.bin"]
+        candidates = [
+            "model.safetensors.index.json",
+            "model.safetensors",
+            "pytorch_model.bin.index.json",
+            "pytorch_model.bin",
+        ]
         found = [path / c for c in candidates if (path / c).exists()] or sorted(path.glob("model*.safetensors"))
         if not found:
             raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or shard index found")
@@ -138,8 +150,13 @@ def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def write_streaming(out: Path, tensors: dict[str, LazyTensor], dtype: mx.Dtype, max_bytes: int = MAX_SHARD_BYTES,
-                    metadata: dict[str, str] | None = None) -> None:
+def write_streaming(
+    out: Path,
+    tensors: dict[str, LazyTensor],
+    dtype: mx.Dtype,
+    max_bytes: int = MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write tensors shard by shard, each read, cast and released in turn."""
     sizes = {n: int(mx.zeros(0, dtype=dtype).itemsize) * _numel(t.shape) for n, t in tensors.items()}
     plan = _plan_shards(sizes, max_bytes)
@@ -167,17 +184,21 @@ def _choose_dtype(requested: str | None, tensors: dict[str, LazyTensor], config:
     if dtype not in MX_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(MX_DTYPES)}, got {dtype!r}")
     if dtype == "float16" and config.is_3b_shaped and not force:
-        raise ValueError("float16 overflows in 3B-shaped OpenELMs (activations reach the hundreds of thousands); "
-                         "use --dtype bfloat16, or pass --force to convert anyway")
+        raise ValueError(
+            "float16 overflows in 3B-shaped OpenELMs (activations reach the hundreds of thousands); "
+            "use --dtype bfloat16, or pass --force to convert anyway"
+        )
     return dtype
 
 
 def _tokenizer_for(source: Source, tokenizer: str | None, chat: bool, log: Callable[[str], None]) -> Tokenizer | None:
     has_own = source.folder is not None and (source.folder / TOKENIZER_FILE).is_file()
     if tokenizer is None and not has_own:
-        log("warning: no tokenizer found (Apple's OpenELM repos ship none). Add one now with "
+        log(
+            "warning: no tokenizer found (Apple's OpenELM repos ship none). Add one now with "
             "`--tokenizer hf-internal-testing/llama-tokenizer` (or a local tokenizer.model), "
-            "or later by copying a tokenizer.model into the output folder.")
+            "or later by copying a tokenizer.model into the output folder."
+        )
         return None
     try:
         return find_tokenizer(source.folder or Path("."), tokenizer, chat)
@@ -185,10 +206,23 @@ def _tokenizer_for(source: Source, tokenizer: str | None, chat: bool, log: Calla
         raise ValueError(str(e)) from None
 
 
-def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, tokenizer: str | None = None,
-            arch: str | None = None, arch_config: str | Path | None = None, vocab_size: int | None = None,
-            quantize: bool = False, q_bits: int = 4, q_group_size: int = 64, force: bool = False,
-            chat_template: bool | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] = print) -> Report:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    arch: str | None = None,
+    arch_config: str | Path | None = None,
+    vocab_size: int | None = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    force: bool = False,
+    chat_template: bool | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    log: Callable[[str], None] = print,
+) -> Report:
     """Convert a Hugging Face or CoreNet checkpoint into an MLX model folder.
 
     `chat_template=None` records the Instruct template when the source or `arch` is named "Instruct".
@@ -200,15 +234,23 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, token
     source = open_source(src)
     config = _source_config(source, arch, arch_config)
     tensors = map_state_dict(source.tensors, TABLES[source.format], source.label)
-    chat = chat_template if chat_template is not None else (
-        "instruct" in str(src).lower() or "instruct" in str(arch or "").lower())
+    chat = (
+        chat_template
+        if chat_template is not None
+        else ("instruct" in str(src).lower() or "instruct" in str(arch or "").lower())
+    )
     tok = _tokenizer_for(source, tokenizer, chat, log)
-    rows = tensors["transformer.token_embeddings.weight"].shape[0] if "transformer.token_embeddings.weight" in tensors \
+    rows = (
+        tensors["transformer.token_embeddings.weight"].shape[0]
+        if "transformer.token_embeddings.weight" in tensors
         else config.vocab_size
+    )
     vocab = vocab_size or (tok.vocab_size if tok is not None and rows > tok.vocab_size else rows)
     if vocab_size is None and tok is None and rows != config.vocab_size:
-        log(f"warning: keeping all {rows} embedding rows (padded vocabulary); pass --vocab-size or --tokenizer "
-            "to drop the padding")
+        log(
+            f"warning: keeping all {rows} embedding rows (padded vocabulary); pass --vocab-size or --tokenizer "
+            "to drop the padding"
+        )
     config = dataclasses.replace(config, vocab_size=vocab)
     tensors = _resize_vocab(tensors, vocab)
     check_weights(Model(config), tensors, {n: Path(t.source) for n, t in tensors.items()})
@@ -236,8 +278,10 @@ def _source_config(source: Source, arch: str | None, arch_config: str | Path | N
         return read_arch_config(arch_config)
     if source.config is not None:
         return source.config
-    raise ValueError(f"{source.label}: no config.json beside the checkpoint; name the architecture with "
-                     "--arch (e.g. OpenELM-270M) or --arch-config FILE")
+    raise ValueError(
+        f"{source.label}: no config.json beside the checkpoint; name the architecture with "
+        "--arch (e.g. OpenELM-270M) or --arch-config FILE"
+    )
 
 
 def _quantize_in_place(folder: Path, bits: int, group_size: int, max_shard_bytes: int, report: Report) -> None:
@@ -252,7 +296,9 @@ def _quantize_in_place(folder: Path, bits: int, group_size: int, max_shard_bytes
     report.bits_per_weight = bits_per_weight(model)
 
 
-def export(src: str | Path, dst: str | Path, dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Report:
+def export(
+    src: str | Path, dst: str | Path, dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> Report:
     """Write an MLX model folder back as a Hugging Face folder in Apple's format (dequantizing if needed)."""
     from mlx_lm.utils import dequantize_model
 
@@ -268,8 +314,13 @@ def export(src: str | Path, dst: str | Path, dtype: str | None = None, max_shard
         raise ValueError(f"--dtype must be one of {', '.join(MX_DTYPES)}, got {out_dtype!r}")
     names = invert(HF_TABLE)
     hf = {names.get(k, k): v.astype(MX_DTYPES[out_dtype]) for k, v in weights.items()}
-    config = {**model.config.to_dict(), "torch_dtype": out_dtype, "auto_map": AUTO_MAP, "use_cache": True,
-              "transformers_version": "4.39.3"}
+    config = {
+        **model.config.to_dict(),
+        "torch_dtype": out_dtype,
+        "auto_map": AUTO_MAP,
+        "use_cache": True,
+        "transformers_version": "4.39.3",
+    }
     with atomic_output_dir(dst, stale=("model*.safetensors", "model.safetensors.index.json")) as tmp:
         write_weights(tmp, hf, max_shard_bytes, metadata={"format": "pt"})  # transformers wants "pt"
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -12,8 +12,16 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-_LAYER_PARAMS = ("attn.qkv_proj.weight", "attn.q_norm.weight", "attn.k_norm.weight", "attn.out_proj.weight",
-                 "ffn.proj_1.weight", "ffn.proj_2.weight", "attn_norm.weight", "ffn_norm.weight")
+_LAYER_PARAMS = (
+    "attn.qkv_proj.weight",
+    "attn.q_norm.weight",
+    "attn.k_norm.weight",
+    "attn.out_proj.weight",
+    "ffn.proj_1.weight",
+    "ffn.proj_2.weight",
+    "attn_norm.weight",
+    "ffn_norm.weight",
+)
 
 # Hugging Face (apple/OpenELM-*) key -> MLX key. Our module names equal HF's, so this is the identity.
 HF_TABLE: dict[str, str | None] = {

@@ -13,10 +13,18 @@ import numpy as np
 
 from openelm_mlx.io import safetensors_header
 
-_SAFETENSORS_DTYPES = {"F32": (np.float32, "float32"), "F16": (np.float16, "float16"),
-                       "BF16": (np.uint16, "bfloat16"), "F64": (np.float64, "float64"),
-                       "I64": (np.int64, "int64"), "I32": (np.int32, "int32"), "U8": (np.uint8, "uint8"),
-                       "I8": (np.int8, "int8"), "BOOL": (np.bool_, "bool"), "U32": (np.uint32, "uint32")}
+_SAFETENSORS_DTYPES = {
+    "F32": (np.float32, "float32"),
+    "F16": (np.float16, "float16"),
+    "BF16": (np.uint16, "bfloat16"),
+    "F64": (np.float64, "float64"),
+    "I64": (np.int64, "int64"),
+    "I32": (np.int32, "int32"),
+    "U8": (np.uint8, "uint8"),
+    "I8": (np.int8, "int8"),
+    "BOOL": (np.bool_, "bool"),
+    "U32": (np.uint32, "uint32"),
+}
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 

@@ -17,10 +17,16 @@ from .tensors import LazyTensor
 
 # torch storage class name -> (numpy dtype used to hold the bytes, our dtype name)
 _STORAGES = {
-    "FloatStorage": (np.float32, "float32"), "HalfStorage": (np.float16, "float16"),
-    "BFloat16Storage": (np.uint16, "bfloat16"), "DoubleStorage": (np.float64, "float64"),
-    "LongStorage": (np.int64, "int64"), "IntStorage": (np.int32, "int32"), "ShortStorage": (np.int16, "int16"),
-    "CharStorage": (np.int8, "int8"), "ByteStorage": (np.uint8, "uint8"), "BoolStorage": (np.bool_, "bool"),
+    "FloatStorage": (np.float32, "float32"),
+    "HalfStorage": (np.float16, "float16"),
+    "BFloat16Storage": (np.uint16, "bfloat16"),
+    "DoubleStorage": (np.float64, "float64"),
+    "LongStorage": (np.int64, "int64"),
+    "IntStorage": (np.int32, "int32"),
+    "ShortStorage": (np.int16, "int16"),
+    "CharStorage": (np.int8, "int8"),
+    "ByteStorage": (np.uint8, "uint8"),
+    "BoolStorage": (np.bool_, "bool"),
 }
 
 

@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
+from openelm_mlx.convert.convert import convert, export
 
 from openelm_mlx import load_model
-from openelm_mlx.convert.convert import convert, export
 from openelm_mlx.demo import DEMO_DIR
 
 if len(sys.argv) >= 3:
@@ -26,8 +26,10 @@ work = Path(tempfile.mkdtemp())
 export(DEMO_DIR, work / "hf")  # MLX -> Apple's format (config.json with auto_map, model.safetensors)
 report = convert(work / "hf", work / "mlx")  # ... and back, tokenizer included
 q = convert(work / "hf", work / "mlx-q4", quantize=True, q_bits=4, q_group_size=64)
-print(f"float: {report.bytes_on_disk / 1e6:.1f} MB; 4-bit: {q.bytes_on_disk / 1e6:.1f} MB, "
-      f"{q.bits_per_weight:.2f} bits per weight")
+print(
+    f"float: {report.bytes_on_disk / 1e6:.1f} MB; 4-bit: {q.bytes_on_disk / 1e6:.1f} MB, "
+    f"{q.bits_per_weight:.2f} bits per weight"
+)
 
 tokens = mx.array([[1, 100, 200, 300]])
 same = mx.array_equal(load_model(DEMO_DIR)(tokens), load_model(work / "mlx")(tokens)).item()

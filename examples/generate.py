@@ -1,6 +1,6 @@
 """Generate text from Python: stream pieces as they come, get whole strings, or run a batch.
 
-    python examples/generate.py [MODEL]   # default: the bundled demo model
+python examples/generate.py [MODEL]   # default: the bundled demo model
 """
 
 import sys

@@ -20,11 +20,27 @@ out = Path(sys.argv[2] if len(sys.argv) > 2 else tempfile.mkdtemp())
 
 tokenizer = train_tokenizer([text], vocab_size=512, output=out / "tokenizer.model")
 config = OpenELMConfig.from_layerwise(  # heads and FFN width grow with depth
-    num_transformer_layers=4, model_dim=64, head_dim=16, num_gqa_groups=2,
-    qkv_multipliers=(0.5, 1.0), ffn_multipliers=(0.5, 4.0), ffn_dim_divisor=32, vocab_size=512,
+    num_transformer_layers=4,
+    model_dim=64,
+    head_dim=16,
+    num_gqa_groups=2,
+    qkv_multipliers=(0.5, 1.0),
+    ffn_multipliers=(0.5, 4.0),
+    ffn_dim_divisor=32,
+    vocab_size=512,
 )
-run = PretrainConfig(data=[str(text)], tokenizer=str(tokenizer), out=str(out), steps=40, batch_size=8,
-                     seq_len=64, lr=5e-3, warmup=5, eval_every=20, save_every=20)
+run = PretrainConfig(
+    data=[str(text)],
+    tokenizer=str(tokenizer),
+    out=str(out),
+    steps=40,
+    batch_size=8,
+    seq_len=64,
+    lr=5e-3,
+    warmup=5,
+    eval_every=20,
+    save_every=20,
+)
 metrics = pretrain(config, run, progress=False)
 print(f"step {metrics['step']}: train loss {metrics['loss']:.3f}, held-out loss {metrics['val_loss']:.3f}")
 

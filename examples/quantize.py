@@ -1,6 +1,6 @@
 """Quantize a model in memory with MLX's `nn.quantize`, save it, and compare it with the float model.
 
-    python examples/quantize.py [MODEL]   # default: the bundled demo model
+python examples/quantize.py [MODEL]   # default: the bundled demo model
 """
 
 import sys

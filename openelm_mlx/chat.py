@@ -22,8 +22,14 @@ class ChatSession:
         **sampling: passed to `stream_ids` (temp, top_p, repetition_penalty, max_tokens, ...).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, system: str | None = None,
-                 max_kv_size: int | None = None, **sampling: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        system: str | None = None,
+        max_kv_size: int | None = None,
+        **sampling: Any,
+    ):
         self.model, self.tokenizer, self.system = model, tokenizer, system
         self.max_kv_size = max_kv_size
         self.sampling = sampling

@@ -79,7 +79,9 @@ def pretrain(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms).")] = 0.1,
     grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).")] = 1.0,
     z_loss: Annotated[float, typer.Option(help="z-loss weight on logsumexp^2.")] = 1e-4,
-    dtype: Annotated[str, typer.Option(help="Compute dtype: float32 or bfloat16 (float32 master weights).")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="Compute dtype: float32 or bfloat16 (float32 master weights).")
+    ] = "float32",
     grad_checkpoint: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
     eval_every: Annotated[int, typer.Option(help="Held-out loss every N steps (0: only never).")] = 100,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: never).")] = 500,
@@ -96,10 +98,26 @@ def pretrain(
         if config is None:
             raise ValueError("give --arch (e.g. OpenELM-270M) or --arch-config FILE")
         run = PretrainConfig(
-            data=[str(d) for d in data], tokenizer=str(tokenizer), out=str(out), steps=steps, batch_size=batch_size,
-            seq_len=seq_len, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay,
-            grad_clip=grad_clip, z_loss=z_loss, dtype=dtype, grad_checkpoint=grad_checkpoint, eval_every=eval_every,
-            save_every=save_every, val_fraction=val_fraction, seed=seed, resume=resume,
+            data=[str(d) for d in data],
+            tokenizer=str(tokenizer),
+            out=str(out),
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            grad_accum=grad_accum,
+            lr=lr,
+            min_lr=min_lr,
+            warmup=warmup,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            z_loss=z_loss,
+            dtype=dtype,
+            grad_checkpoint=grad_checkpoint,
+            eval_every=eval_every,
+            save_every=save_every,
+            val_fraction=val_fraction,
+            seed=seed,
+            resume=resume,
         )
         metrics = run_pretraining(config, run)
         summary = f"step {metrics['step']}: loss {metrics.get('loss', float('nan')):.4f}"
@@ -116,21 +134,39 @@ def convert(
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer.model path/folder or Hub repo to attach.")] = None,
     arch: Annotated[str | None, typer.Option(help="Released size for CoreNet checkpoints, e.g. OpenELM-270M.")] = None,
     arch_config: Annotated[Path | None, typer.Option(help="JSON/YAML with CoreNet GPTConfig fields.")] = None,
-    vocab_size: Annotated[int | None, typer.Option(help="Keep this many embedding rows (CoreNet pads to 32128).")] = None,
-    quantize: Annotated[bool, typer.Option("-q", "--quantize", help="Affine-quantize Linear layers and embedding.")] = False,
+    vocab_size: Annotated[
+        int | None, typer.Option(help="Keep this many embedding rows (CoreNet pads to 32128).")
+    ] = None,
+    quantize: Annotated[
+        bool, typer.Option("-q", "--quantize", help="Affine-quantize Linear layers and embedding.")
+    ] = False,
     q_bits: Annotated[int, typer.Option(help="Bits per weight: 2, 3, 4, 5, 6 or 8.")] = 4,
     q_group_size: Annotated[int, typer.Option(help="Quantization group size: 32, 64 or 128.")] = 64,
     force: Annotated[bool, typer.Option(help="Allow float16 for 3B-shaped models (they overflow).")] = False,
-    chat_template: Annotated[bool | None, typer.Option(
-        help="Record the Instruct chat template (default: when the source is named -Instruct).")] = None,
+    chat_template: Annotated[
+        bool | None,
+        typer.Option(help="Record the Instruct chat template (default: when the source is named -Instruct)."),
+    ] = None,
 ) -> None:
     """Convert a Hugging Face or CoreNet OpenELM checkpoint to MLX."""
     from .convert.convert import convert as run_convert
 
     with user_errors():
-        report = run_convert(src, output, dtype=dtype, tokenizer=tokenizer, arch=arch, arch_config=arch_config,
-                             vocab_size=vocab_size, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
-                             force=force, chat_template=chat_template, log=lambda m: typer.echo(m, err=True))
+        report = run_convert(
+            src,
+            output,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            arch=arch,
+            arch_config=arch_config,
+            vocab_size=vocab_size,
+            quantize=quantize,
+            q_bits=q_bits,
+            q_group_size=q_group_size,
+            force=force,
+            chat_template=chat_template,
+            log=lambda m: typer.echo(m, err=True),
+        )
         line = f"wrote {report.output}: {report.tensors} tensors, {report.dtype}, {report.bytes_on_disk / 1e6:.1f} MB"
         if report.bits_per_weight is not None:
             line += f", {report.bits_per_weight:.2f} bits per weight"
@@ -150,8 +186,10 @@ def export(
 
     with user_errors():
         report = run_export(src, output, dtype=dtype)
-        typer.echo(f"wrote {report.output}: {report.tensors} tensors, {report.dtype}, "
-                   f"{report.bytes_on_disk / 1e6:.1f} MB in {report.seconds:.1f}s")
+        typer.echo(
+            f"wrote {report.output}: {report.tensors} tensors, {report.dtype}, "
+            f"{report.bytes_on_disk / 1e6:.1f} MB in {report.seconds:.1f}s"
+        )
 
 
 def _load_for_generation(model: str | None, tokenizer: str | None):  # -> (model, tokenizer)
@@ -159,21 +197,29 @@ def _load_for_generation(model: str | None, tokenizer: str | None):  # -> (model
     from .io import load
 
     if model is None:
-        typer.echo(f"Using the {DEMO_NAME}. For a real model: openelm-mlx convert apple/OpenELM-270M-Instruct "
-                   "--tokenizer hf-internal-testing/llama-tokenizer -o OpenELM-270M-Instruct, then "
-                   "--model OpenELM-270M-Instruct.", err=True)
+        typer.echo(
+            f"Using the {DEMO_NAME}. For a real model: openelm-mlx convert apple/OpenELM-270M-Instruct "
+            "--tokenizer hf-internal-testing/llama-tokenizer -o OpenELM-270M-Instruct, then "
+            "--model OpenELM-270M-Instruct.",
+            err=True,
+        )
         model = str(DEMO_DIR)
     return load(model, tokenizer=tokenizer)
 
 
 ModelOpt = Annotated[str | None, typer.Option(help="MLX model folder or Hub repo id (default: the bundled demo).")]
-TokenizerOpt = Annotated[str | None, typer.Option(help="tokenizer.model path/folder or Hub repo (Apple's repos "
-                                                       "ship none: hf-internal-testing/llama-tokenizer).")]
+TokenizerOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="tokenizer.model path/folder or Hub repo (Apple's repos ship none: hf-internal-testing/llama-tokenizer)."
+    ),
+]
 MaxTokensOpt = Annotated[int, typer.Option(help="Most tokens to generate.")]
 TempOpt = Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")]
 TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass (1: off).")]
-RepPenaltyOpt = Annotated[float | None, typer.Option(
-    help="Penalty for repeating recent tokens; Apple's model card suggests 1.2.")]
+RepPenaltyOpt = Annotated[
+    float | None, typer.Option(help="Penalty for repeating recent tokens; Apple's model card suggests 1.2.")
+]
 SeedOpt = Annotated[int | None, typer.Option(help="Random seed (same seed, same sample).")]
 SystemOpt = Annotated[str | None, typer.Option(help="System prompt (Instruct template).")]
 MaxKvOpt = Annotated[int | None, typer.Option(help="Rotating KV cache of this many tokens, for long runs.")]
@@ -192,14 +238,17 @@ def generate(
     repetition_penalty: RepPenaltyOpt = None,
     seed: SeedOpt = None,
     system: SystemOpt = None,
-    chat: Annotated[bool | None, typer.Option(
-        help="Wrap the prompt in the Instruct template (default: when the model has one).")] = None,
+    chat: Annotated[
+        bool | None, typer.Option(help="Wrap the prompt in the Instruct template (default: when the model has one).")
+    ] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable; not printed).")] = None,
     max_kv_size: MaxKvOpt = None,
     kv_bits: Annotated[int | None, typer.Option(help="Quantize the KV cache to this many bits (4 or 8).")] = None,
     kv_group_size: Annotated[int, typer.Option(help="Group size of the quantized KV cache.")] = 64,
-    draft_model: Annotated[str | None, typer.Option(
-        help="Smaller model with the same vocabulary for speculative decoding (e.g. 270M for 3B).")] = None,
+    draft_model: Annotated[
+        str | None,
+        typer.Option(help="Smaller model with the same vocabulary for speculative decoding (e.g. 270M for 3B)."),
+    ] = None,
     num_draft_tokens: Annotated[int, typer.Option(help="Tokens the draft model proposes per step.")] = 3,
     verbose: Annotated[bool, typer.Option(help="Print tokens/s and peak memory on stderr.")] = False,
 ) -> None:
@@ -213,11 +262,26 @@ def generate(
         m, tok = _load_for_generation(model, tokenizer)
         draft = load(draft_model, tokenizer=tok.model_file)[0] if draft_model else None
         last, drafted = None, 0
-        for step in stream_generate(m, tok, prompt, max_tokens, system=system, chat=chat, stop=stop or (),
-                                    temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                                    repetition_penalty=repetition_penalty, seed=seed, draft_model=draft,
-                                    num_draft_tokens=num_draft_tokens, max_kv_size=max_kv_size, kv_bits=kv_bits,
-                                    kv_group_size=kv_group_size):
+        for step in stream_generate(
+            m,
+            tok,
+            prompt,
+            max_tokens,
+            system=system,
+            chat=chat,
+            stop=stop or (),
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            draft_model=draft,
+            num_draft_tokens=num_draft_tokens,
+            max_kv_size=max_kv_size,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        ):
             sys.stdout.write(step.text)
             sys.stdout.flush()
             drafted += step.from_draft
@@ -227,8 +291,11 @@ def generate(
             typer.echo(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s", err=True)
             typer.echo(f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s", err=True)
             if draft is not None and last.generation_tokens:
-                typer.echo(f"draft tokens accepted: {drafted}/{last.generation_tokens} "
-                           f"({100 * drafted / last.generation_tokens:.0f}%)", err=True)
+                typer.echo(
+                    f"draft tokens accepted: {drafted}/{last.generation_tokens} "
+                    f"({100 * drafted / last.generation_tokens:.0f}%)",
+                    err=True,
+                )
             typer.echo(f"peak memory: {last.peak_memory_gb:.3f} GB", err=True)
 
 
@@ -250,8 +317,17 @@ def chat(
 
     with user_errors():
         m, tok = _load_for_generation(model, tokenizer)
-        session = ChatSession(m, tok, system=system, max_kv_size=max_kv_size, max_tokens=max_tokens, temp=temp,
-                              top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+        session = ChatSession(
+            m,
+            tok,
+            system=system,
+            max_kv_size=max_kv_size,
+            max_tokens=max_tokens,
+            temp=temp,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
         typer.echo("Type a message; /reset forgets the conversation, /exit quits.", err=True)
         while True:
             try:

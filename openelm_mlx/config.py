@@ -15,9 +15,20 @@ import numpy as np
 # Fields of Apple's config.json that carry no architecture we need, or generic HF bookkeeping.
 _IGNORED_KEYS = frozenset(
     {
-        "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "use_cache",
-        "initializer_range", "quantization", "quantization_config", "_name_or_path",
-        "tie_word_embeddings", "rms_norm_eps", "num_kv_heads", "num_query_heads",
+        "architectures",
+        "auto_map",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "use_cache",
+        "initializer_range",
+        "quantization",
+        "quantization_config",
+        "_name_or_path",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+        "num_kv_heads",
+        "num_query_heads",
     }
 )
 
@@ -28,9 +39,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "OpenELM-3B": dict(num_transformer_layers=36, model_dim=3072, head_dim=128),
 }
 _PRESET_COMMON = dict(
-    num_gqa_groups=4, qkv_multipliers=(0.5, 1.0), ffn_multipliers=(0.5, 4.0), ffn_dim_divisor=256,
-    vocab_size=32000, max_context_length=2048, rope_max_length=4096, rope_freq_constant=10000,
-    normalize_qk_projections=True, share_input_output_layers=True, ffn_with_glu=True,
+    num_gqa_groups=4,
+    qkv_multipliers=(0.5, 1.0),
+    ffn_multipliers=(0.5, 4.0),
+    ffn_dim_divisor=256,
+    vocab_size=32000,
+    max_context_length=2048,
+    rope_max_length=4096,
+    rope_freq_constant=10000,
+    normalize_qk_projections=True,
+    share_input_output_layers=True,
+    ffn_with_glu=True,
 )
 
 
@@ -146,7 +165,10 @@ class OpenELMConfig:
         q_heads = [make_divisible(model_dim * m, head_dim * num_gqa_groups) // head_dim for m in qkv_mults]
         kv_heads = [q // num_gqa_groups for q in q_heads]
         kwargs.update(
-            num_transformer_layers=n, model_dim=model_dim, head_dim=head_dim, num_gqa_groups=num_gqa_groups,
+            num_transformer_layers=n,
+            model_dim=model_dim,
+            head_dim=head_dim,
+            num_gqa_groups=num_gqa_groups,
             ffn_multipliers=_scaled(ffn_multipliers, n, "ffn_multipliers", True),
             qkv_multipliers=qkv_multipliers,
         )
@@ -157,7 +179,9 @@ class OpenELMConfig:
         qkv = kwargs.get("qkv_multipliers", (1.0,))
         kwargs["qkv_multipliers"] = (float(qkv),) if isinstance(qkv, Number) else tuple(float(v) for v in qkv)
         kwargs["ffn_multipliers"] = tuple(float(v) for v in kwargs["ffn_multipliers"])
-        return cls(num_query_heads=tuple(int(h) for h in q_heads), num_kv_heads=tuple(int(h) for h in kv_heads), **kwargs)
+        return cls(
+            num_query_heads=tuple(int(h) for h in q_heads), num_kv_heads=tuple(int(h) for h in kv_heads), **kwargs
+        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> OpenELMConfig:
@@ -171,8 +195,14 @@ class OpenELMConfig:
     def tiny(cls, **overrides: Any) -> OpenELMConfig:
         """A few-layer config for tests that still varies heads and FFN width per layer, with GQA."""
         args = dict(
-            num_transformer_layers=4, model_dim=64, head_dim=16, num_gqa_groups=2,
-            qkv_multipliers=(0.5, 1.0), ffn_multipliers=(0.5, 4.0), ffn_dim_divisor=32, vocab_size=256,
+            num_transformer_layers=4,
+            model_dim=64,
+            head_dim=16,
+            num_gqa_groups=2,
+            qkv_multipliers=(0.5, 1.0),
+            ffn_multipliers=(0.5, 4.0),
+            ffn_dim_divisor=32,
+            vocab_size=256,
         )
         return cls.from_layerwise(**{**args, **overrides})
 

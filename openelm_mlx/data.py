@@ -130,8 +130,9 @@ class TokenData:
             raise DataError(f"{path}: {len(tokens)} tokens is too few for seq_len {seq_len} (+ held-out split)")
         return cls(train=tokens[: len(tokens) - n_val], val=tokens[len(tokens) - n_val :])
 
-    def batch(self, step: int, seed: int, batch_size: int, seq_len: int, rank: int = 0,
-              world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def batch(
+        self, step: int, seed: int, batch_size: int, seq_len: int, rank: int = 0, world: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
         """This rank's slice of the global batch for `step`: (inputs, targets), each (batch_size, seq_len).
 
         The global batch (batch_size * world windows) depends only on (seed, step).
@@ -150,5 +151,7 @@ class TokenData:
         count = min(max_batches * batch_size, max(1, n // seq_len + 1))
         starts = np.linspace(0, n, num=count).astype(np.int64)
         windows = np.stack([self.val[s : s + seq_len + 1] for s in starts]).astype(np.int32)
-        return [(windows[i : i + batch_size, :-1], windows[i : i + batch_size, 1:])
-                for i in range(0, len(windows), batch_size)]
+        return [
+            (windows[i : i + batch_size, :-1], windows[i : i + batch_size, 1:])
+            for i in range(0, len(windows), batch_size)
+        ]

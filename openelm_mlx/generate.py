@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,7 +20,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .tokenizer import EOS_TEXT, Message, Tokenizer, render_chat
 
-Prompt = Union[str, Sequence[Message], Sequence[int]]
+Prompt = str | Sequence[Message] | Sequence[int]
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 PREFILL_STEP = 512
@@ -41,20 +41,36 @@ class GenerationStep:
     finish_reason: str | None = None  # "eos", "stop_string", "length", or None while running
 
 
-def make_sampling(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                  repetition_penalty: float | None = None, repetition_context_size: int = 20
-                  ) -> tuple[Sampler, list[LogitsProcessor]]:
+def make_sampling(
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+) -> tuple[Sampler, list[LogitsProcessor]]:
     """mlx-lm's sampler and logits processors for these settings (temp 0: greedy)."""
     sampler = make_sampler(temp=temp, top_p=top_p if 0 < top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
-    processors = make_logits_processors(repetition_penalty=repetition_penalty,
-                                        repetition_context_size=repetition_context_size)
+    processors = make_logits_processors(
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+    )
     return sampler, processors
 
 
-def _token_steps(model: nn.Module, prompt_ids: Sequence[int], max_tokens: int, sampler: Sampler,
-                 processors: list[LogitsProcessor], eos_ids: set[int], draft_model: nn.Module | None = None,
-                 num_draft_tokens: int = 3, prompt_cache: list[Any] | None = None, max_kv_size: int | None = None,
-                 kv_bits: int | None = None, kv_group_size: int = 64) -> Iterator[tuple[int, bool]]:
+def _token_steps(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    sampler: Sampler,
+    processors: list[LogitsProcessor],
+    eos_ids: set[int],
+    draft_model: nn.Module | None = None,
+    num_draft_tokens: int = 3,
+    prompt_cache: list[Any] | None = None,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+) -> Iterator[tuple[int, bool]]:
     """Yield (token, from_draft) until EOS (not yielded) or `max_tokens`."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
@@ -68,15 +84,32 @@ def _token_steps(model: nn.Module, prompt_ids: Sequence[int], max_tokens: int, s
     if draft_model is not None:
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(model) + make_prompt_cache(draft_model)
-        steps = speculative_generate_step(prompt, model, draft_model, num_draft_tokens=num_draft_tokens,
-                                          max_tokens=max_tokens, sampler=sampler, logits_processors=processors,
-                                          prompt_cache=prompt_cache, prefill_step_size=PREFILL_STEP, **quant)
+        steps = speculative_generate_step(
+            prompt,
+            model,
+            draft_model,
+            num_draft_tokens=num_draft_tokens,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+            prompt_cache=prompt_cache,
+            prefill_step_size=PREFILL_STEP,
+            **quant,
+        )
         items = ((int(t), bool(d)) for t, _, d in steps)
     else:
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(model, max_kv_size=max_kv_size)
-        steps = generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler, logits_processors=processors,
-                              prompt_cache=prompt_cache, prefill_step_size=PREFILL_STEP, **quant)
+        steps = generate_step(
+            prompt,
+            model,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+            prompt_cache=prompt_cache,
+            prefill_step_size=PREFILL_STEP,
+            **quant,
+        )
         items = ((int(t), False) for t, _ in steps)
     for token, from_draft in items:
         if token in eos_ids:
@@ -84,12 +117,26 @@ def _token_steps(model: nn.Module, prompt_ids: Sequence[int], max_tokens: int, s
         yield token, from_draft
 
 
-def generate_tokens(model: nn.Module, prompt_ids: Sequence[int], max_tokens: int = 256, *, temp: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None,
-                    repetition_context_size: int = 20, seed: int | None = None, draft_model: nn.Module | None = None,
-                    num_draft_tokens: int = 3, max_kv_size: int | None = None, kv_bits: int | None = None,
-                    kv_group_size: int = 64, prompt_cache: list[Any] | None = None,
-                    eos_ids: Sequence[int] | None = None) -> Iterator[int]:
+def generate_tokens(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    max_tokens: int = 256,
+    *,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    seed: int | None = None,
+    draft_model: nn.Module | None = None,
+    num_draft_tokens: int = 3,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    prompt_cache: list[Any] | None = None,
+    eos_ids: Sequence[int] | None = None,
+) -> Iterator[int]:
     """Yield generated token ids (EOS ends the stream and is not yielded). Tokenizer-free.
 
     Args:
@@ -107,13 +154,26 @@ def generate_tokens(model: nn.Module, prompt_ids: Sequence[int], max_tokens: int
         mx.random.seed(seed)
     sampler, processors = make_sampling(temp, top_p, top_k, min_p, repetition_penalty, repetition_context_size)
     eos = set(eos_ids) if eos_ids is not None else {model.config.eos_token_id}
-    for token, _ in _token_steps(model, prompt_ids, max_tokens, sampler, processors, eos, draft_model,
-                                 num_draft_tokens, prompt_cache, max_kv_size, kv_bits, kv_group_size):
+    for token, _ in _token_steps(
+        model,
+        prompt_ids,
+        max_tokens,
+        sampler,
+        processors,
+        eos,
+        draft_model,
+        num_draft_tokens,
+        prompt_cache,
+        max_kv_size,
+        kv_bits,
+        kv_group_size,
+    ):
         yield token
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, system: str | None = None, chat: bool | None = None
-                  ) -> list[int]:
+def encode_prompt(
+    tokenizer: Tokenizer, prompt: Prompt, system: str | None = None, chat: bool | None = None
+) -> list[int]:
     """Token ids for a string (the Instruct template when `chat`, default: the tokenizer's), a message
     list (always templated), or ids (as given)."""
     if isinstance(prompt, str):
@@ -169,13 +229,28 @@ class _StopStrings:
         return out
 
 
-def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt, max_tokens: int = 256, *,
-                    system: str | None = None, chat: bool | None = None, stop: Sequence[str] = (),
-                    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                    repetition_penalty: float | None = None, seed: int | None = None,
-                    draft_model: nn.Module | None = None, num_draft_tokens: int = 3, max_kv_size: int | None = None,
-                    kv_bits: int | None = None, kv_group_size: int = 64, prompt_cache: list[Any] | None = None
-                    ) -> Iterator[GenerationStep]:
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    max_tokens: int = 256,
+    *,
+    system: str | None = None,
+    chat: bool | None = None,
+    stop: Sequence[str] = (),
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    draft_model: nn.Module | None = None,
+    num_draft_tokens: int = 3,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    prompt_cache: list[Any] | None = None,
+) -> Iterator[GenerationStep]:
     """Yield text pieces as they are generated (never broken UTF-8), with statistics.
 
     `prompt` is a string, a chat message list, or token ids. Strings use the Instruct template when
@@ -183,23 +258,55 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt, max_
     included), or `max_tokens`.
     """
     ids = encode_prompt(tokenizer, prompt, system, chat)
-    yield from stream_ids(model, tokenizer, ids, max_tokens, stop=stop, temp=temp, top_p=top_p, top_k=top_k,
-                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, draft_model=draft_model,
-                          num_draft_tokens=num_draft_tokens, max_kv_size=max_kv_size, kv_bits=kv_bits,
-                          kv_group_size=kv_group_size, prompt_cache=prompt_cache)
+    yield from stream_ids(
+        model,
+        tokenizer,
+        ids,
+        max_tokens,
+        stop=stop,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
+        max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        prompt_cache=prompt_cache,
+    )
 
 
-def stream_ids(model: nn.Module, tokenizer: Tokenizer, ids: Sequence[int], max_tokens: int = 256, *,
-               stop: Sequence[str] = (), temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-               repetition_penalty: float | None = None, seed: int | None = None,
-               draft_model: nn.Module | None = None, num_draft_tokens: int = 3, max_kv_size: int | None = None,
-               kv_bits: int | None = None, kv_group_size: int = 64, prompt_cache: list[Any] | None = None
-               ) -> Iterator[GenerationStep]:
+def stream_ids(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    ids: Sequence[int],
+    max_tokens: int = 256,
+    *,
+    stop: Sequence[str] = (),
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    draft_model: nn.Module | None = None,
+    num_draft_tokens: int = 3,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    prompt_cache: list[Any] | None = None,
+) -> Iterator[GenerationStep]:
     """`stream_generate` for a prompt that is already token ids."""
     limit = getattr(model.config, "max_context_length", None)
     if limit and len(ids) > limit:
-        warnings.warn(f"the prompt has {len(ids)} tokens, more than the model's max_context_length {limit}: "
-                      "RoPE works past it, but quality is not promised", stacklevel=2)
+        warnings.warn(
+            f"the prompt has {len(ids)} tokens, more than the model's max_context_length {limit}: "
+            "RoPE works past it, but quality is not promised",
+            stacklevel=2,
+        )
     if seed is not None:
         mx.random.seed(seed)
     sampler, processors = make_sampling(temp, top_p, top_k, min_p, repetition_penalty)
@@ -208,16 +315,36 @@ def stream_ids(model: nn.Module, tokenizer: Tokenizer, ids: Sequence[int], max_t
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps, n, last = 0.0, 0, None
-    steps = _token_steps(model, ids, max_tokens, sampler, processors, {tokenizer.eos_id}, draft_model,
-                         num_draft_tokens, prompt_cache, max_kv_size, kv_bits, kv_group_size)
+    steps = _token_steps(
+        model,
+        ids,
+        max_tokens,
+        sampler,
+        processors,
+        {tokenizer.eos_id},
+        draft_model,
+        num_draft_tokens,
+        prompt_cache,
+        max_kv_size,
+        kv_bits,
+        kv_group_size,
+    )
     for token, from_draft in steps:
         if n == 0:
             prompt_tps = len(ids) / (time.perf_counter() - tic)
             tic = time.perf_counter()
         n += 1
         text = stops.feed(detok.add_token(token))
-        last = GenerationStep(text, token, from_draft, len(ids), prompt_tps, n, n / (time.perf_counter() - tic),
-                              mx.get_peak_memory() / 1e9)
+        last = GenerationStep(
+            text,
+            token,
+            from_draft,
+            len(ids),
+            prompt_tps,
+            n,
+            n / (time.perf_counter() - tic),
+            mx.get_peak_memory() / 1e9,
+        )
         if stops.stopped:
             last.finish_reason = "stop_string"
             yield last
@@ -225,8 +352,17 @@ def stream_ids(model: nn.Module, tokenizer: Tokenizer, ids: Sequence[int], max_t
         yield last
     tail = stops.feed(detok.finalize()) + ("" if stops.stopped else stops.flush())
     reason = "stop_string" if stops.stopped else "length" if n >= max_tokens else "eos"
-    yield GenerationStep(tail, -1, False, len(ids), prompt_tps, n,
-                         n / max(time.perf_counter() - tic, 1e-9) if n else 0.0, mx.get_peak_memory() / 1e9, reason)
+    yield GenerationStep(
+        tail,
+        -1,
+        False,
+        len(ids),
+        prompt_tps,
+        n,
+        n / max(time.perf_counter() - tic, 1e-9) if n else 0.0,
+        mx.get_peak_memory() / 1e9,
+        reason,
+    )
 
 
 def _starts_fresh(tokenizer: Tokenizer, ids: Sequence[int]) -> bool:
@@ -236,18 +372,34 @@ def _starts_fresh(tokenizer: Tokenizer, ids: Sequence[int]) -> bool:
     return tokenizer.decode(list(ids[-3:])).endswith(("\n", " "))
 
 
-def generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt | Sequence[Prompt], max_tokens: int = 256,
-             **kwargs: Any) -> str | list[str]:
+def generate(
+    model: nn.Module, tokenizer: Tokenizer, prompt: Prompt | Sequence[Prompt], max_tokens: int = 256, **kwargs: Any
+) -> str | list[str]:
     """The generated text for one prompt, or a list of texts for a list of prompts (run as one batch)."""
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (str, list, tuple)) for p in prompt) \
-            and not all(isinstance(p, dict) for p in prompt):
+    if (
+        isinstance(prompt, (list, tuple))
+        and prompt
+        and all(isinstance(p, (str, list, tuple)) for p in prompt)
+        and not all(isinstance(p, dict) for p in prompt)
+    ):
         return generate_batch(model, tokenizer, list(prompt), max_tokens, **kwargs)
     return "".join(step.text for step in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))
 
 
-def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Prompt], max_tokens: int = 256, *,
-                   system: str | None = None, chat: bool | None = None, temp: float = 0.0, top_p: float = 1.0,
-                   top_k: int = 0, min_p: float = 0.0, seed: int | None = None) -> list[str]:
+def generate_batch(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Prompt],
+    max_tokens: int = 256,
+    *,
+    system: str | None = None,
+    chat: bool | None = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+) -> list[str]:
     """Generate for several prompts in one batch (left padding; masks and positions per row)."""
     ids = [encode_prompt(tokenizer, p, system, chat) for p in prompts]
     if seed is not None:
@@ -262,8 +414,9 @@ def _decode_answer(tokenizer: Tokenizer, prompt_ids: Sequence[int], out: Sequenc
     return "".join(detok.add_token(t) for t in out) + detok.finalize()
 
 
-def batch_token_ids(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int, sampler: Sampler,
-                    eos_id: int) -> list[list[int]]:
+def batch_token_ids(
+    model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int, sampler: Sampler, eos_id: int
+) -> list[list[int]]:
     """Generated ids per prompt (EOS excluded), decoding all rows together."""
     longest = max(len(p) for p in prompts)
     padding = [longest - len(p) for p in prompts]

@@ -26,8 +26,20 @@ from .model import Model
 MAX_SHARD_BYTES = 5 << 30
 # Apple's untied checkpoints carry this unused tensor next to `lm_head.weight`.
 UNUSED_KEYS = frozenset({"transformer.classifier.weight"})
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
-                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 class CheckpointError(ValueError):
@@ -125,8 +137,13 @@ def _quantize_like(model: Model, weights: dict[str, mx.array], quantization: dic
         override = quantization.get(path)
         return override if isinstance(override, dict) else True
 
-    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
-                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
 
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array], sources: dict[str, Path]) -> None:
@@ -146,7 +163,9 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], sources: dict[
             )
     missing = sorted(set(expected) - set(weights))
     if missing:
-        raise CheckpointError(f"{', '.join(map(str, set(sources.values())))}: missing tensor(s) {', '.join(missing[:5])}")
+        raise CheckpointError(
+            f"{', '.join(map(str, set(sources.values())))}: missing tensor(s) {', '.join(missing[:5])}"
+        )
 
 
 def load_model(path: str | Path, lazy: bool = False) -> Model:
@@ -239,8 +258,12 @@ def _shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.a
     return shards
 
 
-def write_weights(out_dir: Path, weights: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES,
-                  metadata: dict[str, str] | None = None) -> None:
+def write_weights(
+    out_dir: Path,
+    weights: dict[str, mx.array],
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write `model.safetensors`, or `model-0000k-of-0000n.safetensors` + index past the shard size."""
     metadata = metadata or {"format": "mlx"}
     shards = _shards(weights, max_shard_bytes)
@@ -265,8 +288,13 @@ def model_config_dict(model: Model, extra: dict[str, Any] | None = None) -> dict
     return {**d, **(extra or {})}
 
 
-def save(model: Model, path: str | Path, tokenizer: Any = None, config_extra: dict[str, Any] | None = None,
-         max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def save(
+    model: Model,
+    path: str | Path,
+    tokenizer: Any = None,
+    config_extra: dict[str, Any] | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
     """Save in the MLX community format (`load_model` and `mlx_lm.load` read it), atomically.
 
     Args:
@@ -287,8 +315,9 @@ def save(model: Model, path: str | Path, tokenizer: Any = None, config_extra: di
     return Path(path)
 
 
-def load(path_or_repo: str | Path, tokenizer: str | Path | None = None, chat_template: bool | None = None,
-         lazy: bool = False) -> tuple[Model, Any]:
+def load(
+    path_or_repo: str | Path, tokenizer: str | Path | None = None, chat_template: bool | None = None, lazy: bool = False
+) -> tuple[Model, Any]:
     """Load a model and its tokenizer from a folder or a Hugging Face repo id.
 
     Args:

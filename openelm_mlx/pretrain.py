@@ -52,8 +52,9 @@ def init_weights(model: Model, seed: int) -> None:
     mx.eval(model.parameters())
 
 
-def train_tokenizer(data: Sequence[str | Path], vocab_size: int, output: str | Path,
-                    max_sentences: int = 2_000_000) -> Path:
+def train_tokenizer(
+    data: Sequence[str | Path], vocab_size: int, output: str | Path, max_sentences: int = 2_000_000
+) -> Path:
     """Train a SentencePiece BPE model (byte fallback; unk 0, BOS 1, EOS 2, no pad), written atomically."""
     import sentencepiece as spm
 
@@ -65,10 +66,22 @@ def train_tokenizer(data: Sequence[str | Path], vocab_size: int, output: str | P
             for doc in read_documents(data):
                 f.writelines(line + "\n" for line in doc.splitlines() if line.strip())
         spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(Path(tmp) / "tok"), vocab_size=vocab_size, model_type="bpe",
-            byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            character_coverage=1.0, input_sentence_size=max_sentences, shuffle_input_sentence=True,
-            allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+            input=str(corpus),
+            model_prefix=str(Path(tmp) / "tok"),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            character_coverage=1.0,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
             minloglevel=2,
         )
         os.replace(Path(tmp) / "tok.model", output)
@@ -137,11 +150,17 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
     init_weights(model, run.seed)
     if run.grad_checkpoint:
         enable_grad_checkpoint(model)
-    opt = OptimizerConfig(lr=run.lr, steps=run.steps, warmup=run.warmup, min_lr=run.min_lr,
-                          weight_decay=run.weight_decay)
-    trainer = Trainer(model, lambda m, x, y: lm_loss(m, x, y, z_loss=run.z_loss), make_optimizer(opt),
-                      compute_dtype=None if run.dtype == "float32" else DTYPES[run.dtype], grad_clip=run.grad_clip,
-                      group=group if world > 1 else None)
+    opt = OptimizerConfig(
+        lr=run.lr, steps=run.steps, warmup=run.warmup, min_lr=run.min_lr, weight_decay=run.weight_decay
+    )
+    trainer = Trainer(
+        model,
+        lambda m, x, y: lm_loss(m, x, y, z_loss=run.z_loss),
+        make_optimizer(opt),
+        compute_dtype=None if run.dtype == "float32" else DTYPES[run.dtype],
+        grad_clip=run.grad_clip,
+        group=group if world > 1 else None,
+    )
     start = 0
     if run.resume and (ckpt := latest_checkpoint(out)) is not None:
         start = trainer.load_checkpoint(ckpt)["step"]
@@ -152,8 +171,12 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
     log = _Logger(out, enabled=rank == 0, progress=progress, total=run.steps, start=start)
     metrics: dict[str, float] = {"step": start}
     for step in range(start, run.steps):
-        micro = [tuple(map(mx.array, data.batch(step * run.grad_accum + i, run.seed, run.batch_size, run.seq_len,
-                                                 rank, world))) for i in range(run.grad_accum)]
+        micro = [
+            tuple(
+                map(mx.array, data.batch(step * run.grad_accum + i, run.seed, run.batch_size, run.seq_len, rank, world))
+            )
+            for i in range(run.grad_accum)
+        ]
         metrics = {"step": step + 1, "lr": trainer.learning_rate, **trainer.step(micro)}
         if run.eval_every and ((step + 1) % run.eval_every == 0 or step + 1 == run.steps):
             metrics["val_loss"] = trainer.evaluate(val)
@@ -170,8 +193,15 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
 
 def _prepare_data(run: PretrainConfig, tokenizer: Tokenizer, out: Path, rank: int, world: int, group: Any) -> TokenData:
     """Rank 0 tokenizes (once, cached); other ranks wait for it, then all map the same file."""
-    args = (run.data, lambda t: tokenizer.encode(t, add_bos=False), tokenizer.bos_id, tokenizer.eos_id,
-            tokenizer.vocab_size, tokenizer.model_file, out / "data")
+    args = (
+        run.data,
+        lambda t: tokenizer.encode(t, add_bos=False),
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+        tokenizer.vocab_size,
+        tokenizer.model_file,
+        out / "data",
+    )
     if rank == 0:
         path = tokenize_to_file(*args)
     if world > 1:
@@ -209,12 +239,16 @@ class _Logger:
     def write(self, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))})
-                        + "\n")
+        self.file.write(
+            json.dumps({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}) + "\n"
+        )
         self.file.flush()
         if self.bar is not None:
-            post = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_sec']:.0f}",
-                    "mem": f"{metrics['peak_memory_gb']:.2f}GB"}
+            post = {
+                "loss": f"{metrics['loss']:.3f}",
+                "tok/s": f"{metrics['tokens_per_sec']:.0f}",
+                "mem": f"{metrics['peak_memory_gb']:.2f}GB",
+            }
             if "val_loss" in metrics:
                 post["val"] = f"{metrics['val_loss']:.3f}"
             self.bar.set_postfix(post, refresh=False)

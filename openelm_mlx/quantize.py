@@ -23,8 +23,10 @@ def quantize_model(model: Model, bits: int = 4, group_size: int = 64) -> list[st
         ValueError: unsupported bits or group size.
     """
     if bits not in Q_BITS or group_size not in Q_GROUP_SIZES:
-        raise ValueError(f"quantization supports bits {Q_BITS} and group sizes {Q_GROUP_SIZES}, "
-                         f"got bits={bits}, group_size={group_size}")
+        raise ValueError(
+            f"quantization supports bits {Q_BITS} and group sizes {Q_GROUP_SIZES}, "
+            f"got bits={bits}, group_size={group_size}"
+        )
     skipped: list[str] = []
 
     def predicate(path: str, module: nn.Module) -> bool:

@@ -107,8 +107,9 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(ids))
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-                            add_bos: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, add_bos: bool = True
+    ) -> list[int]:
         """Ids of the Instruct prompt: every `</s>` becomes the EOS id, never the text."""
         chunks = render_chat(messages, add_generation_prompt).split(EOS_TEXT)
         ids = [self.bos_id] if add_bos else []
@@ -128,15 +129,23 @@ class Tokenizer:
         if self.model_file.resolve() != (folder / TOKENIZER_FILE).resolve():
             shutil.copyfile(self.model_file, folder / TOKENIZER_FILE)
         cfg: dict[str, Any] = {
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "add_bos_token": True, "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "legacy": True,
+            "clean_up_tokenization_spaces": False,
         }
         if self.chat_template:
             cfg["chat_template"] = CHAT_TEMPLATE_JINJA
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def find_tokenizer(model_dir: Path, tokenizer: str | Path | None = None, chat_template: bool | None = None) -> Tokenizer:
+def find_tokenizer(
+    model_dir: Path, tokenizer: str | Path | None = None, chat_template: bool | None = None
+) -> Tokenizer:
     """The tokenizer for a model folder: `tokenizer` (a file, folder or Hub repo) or the folder's own.
 
     `chat_template=None` uses the Instruct template when the folder records one

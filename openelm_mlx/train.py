@@ -55,8 +55,9 @@ def make_optimizer(cfg: OptimizerConfig) -> optim.Optimizer:
     return optim.MultiOptimizer([no_decay, decay], [lambda path, p: p.ndim <= 1])
 
 
-def lm_loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array | None = None,
-            z_loss: float = 0.0) -> tuple[mx.array, mx.array]:
+def lm_loss(
+    model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array | None = None, z_loss: float = 0.0
+) -> tuple[mx.array, mx.array]:
     """Mean next-token cross-entropy (+ z_loss * logsumexp^2) over the (masked) targets."""
     logits = model(inputs).astype(mx.float32)
     lse = mx.logsumexp(logits, axis=-1)
@@ -166,8 +167,13 @@ class Trainer:
         norm = self._apply_fn(grads)
         mx.eval(self.model.state, self.optimizer.state, loss, norm)
         seconds = time.perf_counter() - tic
-        return {"loss": loss.item(), "grad_norm": norm.item(), "tokens": tokens * self.world,
-                "tokens_per_sec": tokens * self.world / seconds, "seconds": seconds}
+        return {
+            "loss": loss.item(),
+            "grad_norm": norm.item(),
+            "tokens": tokens * self.world,
+            "tokens_per_sec": tokens * self.world / seconds,
+            "seconds": seconds,
+        }
 
     def evaluate(self, batches: Sequence[Batch]) -> float:
         """Mean loss over `batches` in the compute dtype, without z-loss or gradients."""
@@ -182,8 +188,11 @@ class Trainer:
 
     @property
     def learning_rate(self) -> float:
-        return float(self.optimizer.optimizers[0].learning_rate) if isinstance(
-            self.optimizer, optim.MultiOptimizer) else float(self.optimizer.learning_rate)
+        return (
+            float(self.optimizer.optimizers[0].learning_rate)
+            if isinstance(self.optimizer, optim.MultiOptimizer)
+            else float(self.optimizer.learning_rate)
+        )
 
     def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
         """Model, optimizer state and `state` (step, seeds...) into `folder`, atomically."""

@@ -29,10 +29,19 @@ def _tuple(items: list[bytes]) -> bytes:
 
 def _tensor_pickle(key: str, storage: str, array_shape: tuple[int, ...], numel: int) -> bytes:
     strides = [int(np.prod(array_shape[i + 1 :])) for i in range(len(array_shape))]
-    persistent = _tuple([_str("storage"), b"ctorch\n" + storage.encode() + b"\n", _str(key), _str("cpu"),
-                         _int(numel)]) + b"Q"
-    args = _tuple([persistent, _int(0), _tuple([_int(s) for s in array_shape]), _tuple([_int(s) for s in strides]),
-                   b"\x89", b"ccollections\nOrderedDict\n)R"])
+    persistent = (
+        _tuple([_str("storage"), b"ctorch\n" + storage.encode() + b"\n", _str(key), _str("cpu"), _int(numel)]) + b"Q"
+    )
+    args = _tuple(
+        [
+            persistent,
+            _int(0),
+            _tuple([_int(s) for s in array_shape]),
+            _tuple([_int(s) for s in strides]),
+            b"\x89",
+            b"ccollections\nOrderedDict\n)R",
+        ]
+    )
     return b"ctorch._utils\n_rebuild_tensor_v2\n" + args + b"R"
 
 
@@ -42,13 +51,15 @@ def _bf16_bytes(a: np.ndarray) -> bytes:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
 
 
-def write_torch_zip(path: Path, tensors: dict[str, np.ndarray], wrap: str | None = None, extra: bytes = b"",
-                    dtype: str = "float32") -> None:
+def write_torch_zip(
+    path: Path, tensors: dict[str, np.ndarray], wrap: str | None = None, extra: bytes = b"", dtype: str = "float32"
+) -> None:
     """A torch-format zip holding a state dict (optionally nested under `wrap`, like CoreNet's
     training checkpoints), tensors stored as float32 or bfloat16."""
     storage = {"float32": "FloatStorage", "bfloat16": "BFloat16Storage"}[dtype]
-    items = b"".join(_str(name) + _tensor_pickle(str(i), storage, a.shape, a.size)
-                     for i, (name, a) in enumerate(tensors.items()))
+    items = b"".join(
+        _str(name) + _tensor_pickle(str(i), storage, a.shape, a.size) for i, (name, a) in enumerate(tensors.items())
+    )
     state = b"}(" + items + b"u"
     body = b"}(" + _str(wrap) + state + _str("epoch") + _int(3) + b"u" if wrap else state
     pickle_bytes = b"\x80\x02" + body + extra + b"."

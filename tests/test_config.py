@@ -10,8 +10,12 @@ from openelm_mlx.config import OpenELMConfig, make_divisible, preset_names
 from openelm_mlx.model import Model
 
 # From ../shared/OPENELM.md.
-PARAMS = {"OpenELM-270M": 271_527_168, "OpenELM-450M": 457_179_136, "OpenELM-1_1B": 1_079_891_456,
-          "OpenELM-3B": 3_036_647_424}
+PARAMS = {
+    "OpenELM-270M": 271_527_168,
+    "OpenELM-450M": 457_179_136,
+    "OpenELM-1_1B": 1_079_891_456,
+    "OpenELM-3B": 3_036_647_424,
+}
 LAYERS = {"OpenELM-270M": 16, "OpenELM-450M": 20, "OpenELM-1_1B": 28, "OpenELM-3B": 36}
 
 
@@ -19,8 +23,24 @@ def test_270m_per_layer_sizes_match_apple():
     c = OpenELMConfig.from_preset("OpenELM-270M")
     assert c.num_query_heads == (12,) * 5 + (16,) * 7 + (20,) * 4
     assert c.num_kv_heads == tuple(q // 4 for q in c.num_query_heads)
-    assert c.intermediate_sizes == (768, 1024, 1280, 1536, 1792, 2048, 2560, 2816, 3072, 3328, 3584, 3840,
-                                    4352, 4608, 4864, 5120)
+    assert c.intermediate_sizes == (
+        768,
+        1024,
+        1280,
+        1536,
+        1792,
+        2048,
+        2560,
+        2816,
+        3072,
+        3328,
+        3584,
+        3840,
+        4352,
+        4608,
+        4864,
+        5120,
+    )
 
 
 @pytest.mark.parametrize("name", list(PARAMS))
@@ -56,8 +76,9 @@ def test_hf_dict_round_trip_uses_stored_lists():
 
 
 def test_scalar_multipliers_give_uniform_layers_and_write_back_as_numbers():
-    c = OpenELMConfig.from_layerwise(3, 64, 16, num_gqa_groups=1, qkv_multipliers=1.0, ffn_multipliers=2.0,
-                                     ffn_dim_divisor=32)
+    c = OpenELMConfig.from_layerwise(
+        3, 64, 16, num_gqa_groups=1, qkv_multipliers=1.0, ffn_multipliers=2.0, ffn_dim_divisor=32
+    )
     assert c.num_query_heads == (4, 4, 4) and c.intermediate_sizes == (128, 128, 128)
     assert c.to_dict()["qkv_multipliers"] == 1.0  # Apple's config rejects a one-element list
 

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from checkpoints import corenet_state, hf_folder, write_malicious_zip, write_safetensors, write_torch_zip
 from conftest import numpy_weights, random_model, reference_config
+from openelm_mlx.convert.convert import convert, export
+from openelm_mlx.convert.tables import CORENET_TABLE, HF_TABLE, invert, map_state_dict
+from openelm_mlx.convert.torch_zip import UnsafeCheckpointError, load_torch_zip
 from reference import reference_logits, rel_error
 from typer.testing import CliRunner
 
 from openelm_mlx import load, load_model
 from openelm_mlx.cli import app
 from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.convert.convert import convert, export
-from openelm_mlx.convert.tables import CORENET_TABLE, HF_TABLE, invert, map_state_dict
-from openelm_mlx.convert.torch_zip import UnsafeCheckpointError, load_torch_zip
 
 TOKENS = [1, 9, 33, 200, 17, 5, 250, 64]
 CONFIG = OpenELMConfig.tiny()
@@ -60,8 +60,13 @@ def test_corenet_checkpoints_with_padded_vocab(source, tmp_path, wrap, llama_tok
     name = "training_checkpoint_last.pt" if wrap else "checkpoint_last.pt"
     write_torch_zip(tmp_path / name, state, wrap=wrap)
     arch = tmp_path / "arch.yaml"
-    arch.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items() if k not in (
-        "num_query_heads", "num_kv_heads", "architectures", "model_type")))
+    arch.write_text(
+        "\n".join(
+            f"{k}: {json.dumps(v)}"
+            for k, v in config.items()
+            if k not in ("num_query_heads", "num_kv_heads", "architectures", "model_type")
+        )
+    )
     messages = []
     convert(tmp_path / name, tmp_path / "mlx", arch_config=arch, log=messages.append)
     assert load_model(tmp_path / "mlx").config.vocab_size == CONFIG.vocab_size + 64  # padded, with a warning
@@ -77,15 +82,26 @@ def test_corenet_vocab_defaults_to_the_tokenizer_size(tmp_path, llama_tokenizer_
     ckpt = tmp_path / "OpenELM-tiny-Instruct" / "checkpoint.pt"
     write_torch_zip(ckpt, corenet_state(weights, 32128))
     (tmp_path / "arch.json").write_text(json.dumps(config.to_dict()))
-    convert(ckpt, tmp_path / "out", arch_config=tmp_path / "arch.json", tokenizer=str(llama_tokenizer_path),
-            log=lambda m: None)
+    convert(
+        ckpt,
+        tmp_path / "out",
+        arch_config=tmp_path / "arch.json",
+        tokenizer=str(llama_tokenizer_path),
+        log=lambda m: None,
+    )
     model, tok = load(tmp_path / "out")
     assert model.config.vocab_size == 32000 and tok.vocab_size == 32000
     saved = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert "<|assistant|>" in saved["chat_template"]  # an Instruct source: the template is recorded
     assert tok.chat_template
-    convert(ckpt, tmp_path / "base", arch_config=tmp_path / "arch.json", tokenizer=str(llama_tokenizer_path),
-            chat_template=False, log=lambda m: None)
+    convert(
+        ckpt,
+        tmp_path / "base",
+        arch_config=tmp_path / "arch.json",
+        tokenizer=str(llama_tokenizer_path),
+        chat_template=False,
+        log=lambda m: None,
+    )
     assert not load(tmp_path / "base")[1].chat_template
 
 
@@ -188,13 +204,21 @@ def test_existing_output_is_untouched_when_conversion_fails(source, tmp_path):
 
 
 def test_3b_float16_is_refused_without_force(tmp_path):
-    config = OpenELMConfig.tiny(model_dim=3072, head_dim=128, num_transformer_layers=1, vocab_size=8,
-                                ffn_multipliers=(0.5, 0.5), ffn_dim_divisor=256)
+    config = OpenELMConfig.tiny(
+        model_dim=3072,
+        head_dim=128,
+        num_transformer_layers=1,
+        vocab_size=8,
+        ffn_multipliers=(0.5, 0.5),
+        ffn_dim_divisor=256,
+    )
     weights = {k: np.zeros(v.shape, np.float32) for k, v in numpy_weights(random_model(config)).items()}
     hf_folder(tmp_path / "hf", weights, config.to_dict())
     with pytest.raises(ValueError, match="float16 overflows.*bfloat16.*--force"):
         convert(tmp_path / "hf", tmp_path / "out", dtype="float16", log=lambda m: None)
-    assert convert(tmp_path / "hf", tmp_path / "out", dtype="float16", force=True, log=lambda m: None).dtype == "float16"
+    assert (
+        convert(tmp_path / "hf", tmp_path / "out", dtype="float16", force=True, log=lambda m: None).dtype == "float16"
+    )
 
 
 def test_hub_repo_converts_offline_from_a_prefilled_cache(source, tmp_path, monkeypatch, llama_tokenizer_path):
@@ -223,7 +247,9 @@ def test_tables_are_inverses_and_reject_unknown_keys():
     state = dict.fromkeys(names, 0)
     assert map_state_dict(map_state_dict(state, HF_TABLE), invert(HF_TABLE)) == state
     assert map_state_dict({"layers.11.ffn.proj_1.weight": 1, "classifier.weight": 2}, CORENET_TABLE) == {
-        "transformer.layers.11.ffn.proj_1.weight": 1, "lm_head.weight": 2}
+        "transformer.layers.11.ffn.proj_1.weight": 1,
+        "lm_head.weight": 2,
+    }
     with pytest.raises(ValueError, match="ckpt.pt: unknown tensor 'layers.1.attn.bias'"):
         map_state_dict({"layers.1.attn.bias": 0}, CORENET_TABLE, "ckpt.pt")
 

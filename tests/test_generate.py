@@ -78,10 +78,16 @@ def test_quantized_and_rotating_kv_caches_generate(model):
 
 
 def test_chat_template_two_turns_with_system(tok):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."}]
-    assert render_chat(messages) == ("<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n"
-                                     "<|user|>\nName a color.</s>\n<|assistant|>\n")
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a color."},
+    ]
+    assert render_chat(messages) == (
+        "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n"
+        "<|user|>\nName a color.</s>\n<|assistant|>\n"
+    )
     ids = tok.apply_chat_template(messages)
     assert ids[0] == 1 and ids.count(2) == 4  # EOS is the id, never the text
     assert "</s" not in "".join(tok.sp.id_to_piece(i) for i in ids if i != 2)  # not spelled out as text
@@ -136,8 +142,11 @@ def test_prompt_longer_than_context_warns(tok):
 
 
 def test_chat_turn_ids_equal_the_tail_of_the_whole_template(tok):
-    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-               {"role": "assistant", "content": "Hello!"}]
+    history = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
     nxt = [{"role": "user", "content": "And then?"}]
     before = tok.apply_chat_template(history, add_generation_prompt=False)
     assert before[-3:] == [2, 29871, 13]  # ... EOS, then the "\n" that the next turn's text continues
@@ -171,28 +180,44 @@ def saved_model(tmp_path, model, llama_tokenizer_path):
 def test_cli_generate_streams_only_text_to_stdout(saved_model, model):
     _, tok = load(saved_model)
     expected = generate(model, tok, "Hello there", 10)
-    result = CliRunner().invoke(app, ["generate", "--model", str(saved_model), "--prompt", "Hello there",
-                                      "--max-tokens", "10", "--verbose"])
+    result = CliRunner().invoke(
+        app, ["generate", "--model", str(saved_model), "--prompt", "Hello there", "--max-tokens", "10", "--verbose"]
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout == expected + "\n"
     assert "generation: 10 tokens" in result.stderr and "peak memory" in result.stderr
-    piped = CliRunner().invoke(app, ["generate", "--model", str(saved_model), "--prompt", "-", "--max-tokens", "10"],
-                               input="Hello there")
+    piped = CliRunner().invoke(
+        app, ["generate", "--model", str(saved_model), "--prompt", "-", "--max-tokens", "10"], input="Hello there"
+    )
     assert piped.stdout == expected + "\n"
 
 
 def test_cli_generate_with_draft_model_reports_acceptance(saved_model, tmp_path, draft, llama_tokenizer_path):
     save(draft, tmp_path / "draft", tokenizer=Tokenizer(llama_tokenizer_path))
     plain = CliRunner().invoke(app, ["generate", "--model", str(saved_model), "--prompt", "Hi", "--max-tokens", "12"])
-    spec = CliRunner().invoke(app, ["generate", "--model", str(saved_model), "--prompt", "Hi", "--max-tokens", "12",
-                                    "--draft-model", str(tmp_path / "draft"), "--verbose"])
+    spec = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(saved_model),
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "12",
+            "--draft-model",
+            str(tmp_path / "draft"),
+            "--verbose",
+        ],
+    )
     assert spec.exit_code == 0, spec.output
     assert spec.stdout == plain.stdout and "draft tokens accepted:" in spec.stderr
 
 
 def test_cli_chat_turns_reset_and_exit(saved_model):
-    result = CliRunner().invoke(app, ["chat", "--model", str(saved_model), "--max-tokens", "5"],
-                                input="Hi\nAnd you?\n/reset\nHi\n/exit\n")
+    result = CliRunner().invoke(
+        app, ["chat", "--model", str(saved_model), "--max-tokens", "5"], input="Hi\nAnd you?\n/reset\nHi\n/exit\n"
+    )
     assert result.exit_code == 0, result.output
     answers = [line for line in result.stdout.replace(">>> ", "").splitlines() if line.strip()]
     assert len(answers) == 3 and answers[0] == answers[2]  # after /reset, the same first answer

@@ -77,8 +77,11 @@ def test_wrong_shape_names_file_and_tensor(tiny_model, tmp_path):
     w = mx.load(str(path / "model.safetensors"))
     w["transformer.layers.1.ffn.proj_2.weight"] = mx.zeros((64, 10))
     mx.save_safetensors(str(path / "model.safetensors"), w)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'transformer.layers.1.ffn.proj_2.weight' "
-                                              r"has shape \(64, 10\), config expects \(64, 128\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor 'transformer.layers.1.ffn.proj_2.weight' "
+        r"has shape \(64, 10\), config expects \(64, 128\)",
+    ):
         load_model(path)
 
 
@@ -123,13 +126,12 @@ def test_failed_save_leaves_existing_model_untouched(tiny_model, tmp_path):
 
 def test_models_written_by_mlx_lm_load_here(tmp_path, llama_tokenizer_path):
     """mlx-lm's own `convert` (quantized) of an Apple-format folder loads with our loader, same logits."""
+    from conftest import random_model
     from mlx_lm import convert as mlx_lm_convert
+    from openelm_mlx.convert.convert import export
 
     from openelm_mlx.config import OpenELMConfig
-    from openelm_mlx.convert.convert import export
     from openelm_mlx.tokenizer import Tokenizer
-
-    from conftest import random_model
 
     model = random_model(OpenELMConfig.tiny(vocab_size=32000, model_dim=64))
     save(model, tmp_path / "ours", tokenizer=Tokenizer(llama_tokenizer_path))

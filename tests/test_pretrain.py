@@ -22,8 +22,16 @@ CORPUS = "\n".join(
     for thing in ("moon", "night", "rose", "sword", "crown")
     for adj in ("bright", "dark", "sweet", "sharp")
 )
-ARCH = dict(num_transformer_layers=3, model_dim=48, head_dim=16, num_gqa_groups=2, qkv_multipliers=(0.5, 1.0),
-            ffn_multipliers=(0.5, 2.0), ffn_dim_divisor=16, vocab_size=320)
+ARCH = dict(
+    num_transformer_layers=3,
+    model_dim=48,
+    head_dim=16,
+    num_gqa_groups=2,
+    qkv_multipliers=(0.5, 1.0),
+    ffn_multipliers=(0.5, 2.0),
+    ffn_dim_divisor=16,
+    vocab_size=320,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +43,20 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _run(corpus, out, **kw) -> PretrainConfig:
-    args = dict(data=[str(corpus[0])], tokenizer=str(corpus[1]), out=str(out), steps=12, batch_size=4, seq_len=32,
-                lr=1e-2, warmup=2, eval_every=6, save_every=0, val_fraction=0.1, seed=3)
+    args = dict(
+        data=[str(corpus[0])],
+        tokenizer=str(corpus[1]),
+        out=str(out),
+        steps=12,
+        batch_size=4,
+        seq_len=32,
+        lr=1e-2,
+        warmup=2,
+        eval_every=6,
+        save_every=0,
+        val_fraction=0.1,
+        seed=3,
+    )
     return PretrainConfig(**{**args, **kw})
 
 
@@ -70,10 +90,38 @@ def test_sigkill_then_resume_logs_the_same_losses(corpus, tmp_path):
     steps, arch_file = 300, tmp_path / "arch.json"
     arch_file.write_text(json.dumps(OpenELMConfig.from_layerwise(**ARCH).to_dict()))
     pretrain(OpenELMConfig.from_layerwise(**ARCH), _run(corpus, tmp_path / "full", steps=steps), progress=False)
-    cmd = [sys.executable, "-m", "openelm_mlx", "pretrain", "--arch-config", str(arch_file), "--data",
-           str(corpus[0]), "--tokenizer", str(corpus[1]), "--out", str(tmp_path / "killed"), "--steps", str(steps),
-           "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup", "2", "--eval-every", "6",
-           "--save-every", "5", "--val-fraction", "0.1", "--seed", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "openelm_mlx",
+        "pretrain",
+        "--arch-config",
+        str(arch_file),
+        "--data",
+        str(corpus[0]),
+        "--tokenizer",
+        str(corpus[1]),
+        "--out",
+        str(tmp_path / "killed"),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "2",
+        "--eval-every",
+        "6",
+        "--save-every",
+        "5",
+        "--val-fraction",
+        "0.1",
+        "--seed",
+        "3",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 120
@@ -83,8 +131,11 @@ def test_sigkill_then_resume_logs_the_same_losses(corpus, tmp_path):
     proc.wait()
     resumed_from = json.loads((sorted(checkpoints.glob("step_*"))[-1] / "state.json").read_text())["step"]
     assert resumed_from < steps, "the run finished before it could be killed"
-    pretrain(OpenELMConfig.from_layerwise(**ARCH), _run(corpus, tmp_path / "killed", steps=steps, resume=True),
-             progress=False)
+    pretrain(
+        OpenELMConfig.from_layerwise(**ARCH),
+        _run(corpus, tmp_path / "killed", steps=steps, resume=True),
+        progress=False,
+    )
     full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
     assert all(resumed[s] == full[s] for s in range(resumed_from + 1, steps + 1))  # bitwise
 
@@ -94,11 +145,44 @@ def test_two_processes_equal_one(corpus, tmp_path):
     arch_file.write_text(json.dumps(OpenELMConfig.from_layerwise(**ARCH).to_dict()))
     pretrain(OpenELMConfig.from_layerwise(**ARCH), _run(corpus, tmp_path / "one", batch_size=4), progress=False)
     launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable)) or shutil.which("mlx.launch")
-    cmd = [launcher, "-n", "2", "--backend", "ring", "--starting-port", "5730", "--",
-           str(Path(sys.executable).parent / "openelm-mlx"), "pretrain", "--arch-config", str(arch_file),
-           "--data", str(corpus[0]), "--tokenizer", str(corpus[1]), "--out", str(tmp_path / "two"),
-           "--steps", "12", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-2", "--warmup", "2",
-           "--eval-every", "6", "--save-every", "0", "--val-fraction", "0.1", "--seed", "3"]
+    cmd = [
+        launcher,
+        "-n",
+        "2",
+        "--backend",
+        "ring",
+        "--starting-port",
+        "5730",
+        "--",
+        str(Path(sys.executable).parent / "openelm-mlx"),
+        "pretrain",
+        "--arch-config",
+        str(arch_file),
+        "--data",
+        str(corpus[0]),
+        "--tokenizer",
+        str(corpus[1]),
+        "--out",
+        str(tmp_path / "two"),
+        "--steps",
+        "12",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "2",
+        "--eval-every",
+        "6",
+        "--save-every",
+        "0",
+        "--val-fraction",
+        "0.1",
+        "--seed",
+        "3",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
@@ -128,8 +212,20 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, corpus):
     from openelm_mlx.cli import app
 
     (tmp_path / "docs.jsonl").write_text('{"text": "fine"}\n{"txt": "oops"}\n')
-    result = CliRunner().invoke(app, ["pretrain", "--arch", "OpenELM-270M", "--data", str(tmp_path / "docs.jsonl"),
-                                      "--tokenizer", str(corpus[1]), "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--arch",
+            "OpenELM-270M",
+            "--data",
+            str(tmp_path / "docs.jsonl"),
+            "--tokenizer",
+            str(corpus[1]),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 1
     assert 'docs.jsonl, line 2: no string "text" field' in result.output
     assert "Traceback" not in result.output
