@@ -17,7 +17,7 @@ from mlx.utils import tree_map
 
 from openelm_mlx import load, save
 from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.generate import stream_ids
+from openelm_mlx.generate import stream_generate
 from openelm_mlx.model import Model
 from openelm_mlx.tokenizer import Tokenizer
 
@@ -25,7 +25,7 @@ TOKENIZER = Path(__file__).resolve().parents[2] / "shared/data/llama-tokenizer/t
 
 
 def ours(model, tok, ids, max_tokens):
-    for step in stream_ids(model, tok, ids, max_tokens):
+    for step in stream_generate(model, tok, ids, max_tokens):
         last = step
     return last.prompt_tps, last.generation_tps, last.generation_tokens
 

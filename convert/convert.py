@@ -27,9 +27,9 @@ from openelm_mlx.io import (
     check_weights,
     load_model,
     model_config_dict,
-    read_arch_config,
     read_config,
     read_json,
+    resolve_arch,
     write_weights,
 )
 from openelm_mlx.model import Model
@@ -270,12 +270,9 @@ def convert(
 
 
 def _source_config(source: Source, arch: str | None, arch_config: str | Path | None) -> OpenELMConfig:
-    if arch and arch_config:
-        raise ValueError("give --arch or --arch-config, not both")
-    if arch:
-        return OpenELMConfig.from_preset(arch)
-    if arch_config:
-        return read_arch_config(arch_config)
+    config = resolve_arch(arch, arch_config)
+    if config is not None:
+        return config
     if source.config is not None:
         return source.config
     raise ValueError(

@@ -8,7 +8,7 @@ from typing import Any
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from .generate import GenerationStep, chat_turn_ids, stream_ids
+from .generate import GenerationStep, chat_turn_ids, stream_generate
 from .tokenizer import Tokenizer
 
 
@@ -19,7 +19,7 @@ class ChatSession:
         model, tokenizer: the model and its tokenizer.
         system: an optional system prompt for the conversation.
         max_kv_size: a rotating cache of this many tokens (long chats).
-        **sampling: passed to `stream_ids` (temp, top_p, repetition_penalty, max_tokens, ...).
+        **sampling: passed to `stream_generate` (temp, top_p, repetition_penalty, max_tokens, ...).
     """
 
     def __init__(
@@ -53,7 +53,7 @@ class ChatSession:
         self.started = True
         start, generated, ended_on_eos = self.tokens + len(ids), 0, False
         try:
-            for step in stream_ids(self.model, self.tokenizer, ids, prompt_cache=self.cache, **self.sampling):
+            for step in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache, **self.sampling):
                 if step.token >= 0:
                     generated += 1
                 else:

@@ -33,19 +33,6 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _arch(arch: str | None, arch_config: Path | None):  # -> OpenELMConfig | None
-    from .config import OpenELMConfig
-    from .io import read_arch_config
-
-    if arch and arch_config:
-        raise ValueError("give --arch or --arch-config, not both")
-    if arch:
-        return OpenELMConfig.from_preset(arch)
-    if arch_config:
-        return read_arch_config(arch_config)
-    return None
-
-
 @app.command("train-tokenizer")
 def train_tokenizer_cmd(
     data: Annotated[list[Path], typer.Option(help="Text files, folders, or JSONL with a 'text' field.")],
@@ -94,7 +81,9 @@ def pretrain(
     from .pretrain import pretrain as run_pretraining
 
     with user_errors():
-        config = _arch(arch, arch_config)
+        from .io import resolve_arch
+
+        config = resolve_arch(arch, arch_config)
         if config is None:
             raise ValueError("give --arch (e.g. OpenELM-270M) or --arch-config FILE")
         run = PretrainConfig(

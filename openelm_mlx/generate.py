@@ -258,48 +258,6 @@ def stream_generate(
     included), or `max_tokens`.
     """
     ids = encode_prompt(tokenizer, prompt, system, chat)
-    yield from stream_ids(
-        model,
-        tokenizer,
-        ids,
-        max_tokens,
-        stop=stop,
-        temp=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        draft_model=draft_model,
-        num_draft_tokens=num_draft_tokens,
-        max_kv_size=max_kv_size,
-        kv_bits=kv_bits,
-        kv_group_size=kv_group_size,
-        prompt_cache=prompt_cache,
-    )
-
-
-def stream_ids(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    ids: Sequence[int],
-    max_tokens: int = 256,
-    *,
-    stop: Sequence[str] = (),
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-    draft_model: nn.Module | None = None,
-    num_draft_tokens: int = 3,
-    max_kv_size: int | None = None,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    prompt_cache: list[Any] | None = None,
-) -> Iterator[GenerationStep]:
-    """`stream_generate` for a prompt that is already token ids."""
     limit = getattr(model.config, "max_context_length", None)
     if limit and len(ids) > limit:
         warnings.warn(

@@ -369,3 +369,12 @@ def read_arch_config(path: str | Path) -> OpenELMConfig:
         return OpenELMConfig.from_dict(data)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def resolve_arch(arch: str | None, arch_config: str | Path | None) -> OpenELMConfig | None:
+    """The architecture named by `--arch` (a released size) or `--arch-config` (a file), or None."""
+    if arch and arch_config:
+        raise ValueError("give --arch or --arch-config, not both")
+    if arch:
+        return OpenELMConfig.from_preset(arch)
+    return read_arch_config(arch_config) if arch_config else None

@@ -60,6 +60,39 @@ def _run(corpus, out, **kw) -> PretrainConfig:
     return PretrainConfig(**{**args, **kw})
 
 
+def _cli_args(corpus, arch_file: Path, out: Path, steps: int = 12, batch_size: int = 4, save_every: int = 0) -> list:
+    """`pretrain` arguments equal to `_run`'s settings."""
+    return [
+        "pretrain",
+        "--arch-config",
+        str(arch_file),
+        "--data",
+        str(corpus[0]),
+        "--tokenizer",
+        str(corpus[1]),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch_size),
+        "--seq-len",
+        "32",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "2",
+        "--eval-every",
+        "6",
+        "--save-every",
+        str(save_every),
+        "--val-fraction",
+        "0.1",
+        "--seed",
+        "3",
+    ]
+
+
 def _losses(out: Path) -> dict[int, float]:
     """Step -> loss; a step logged twice (killed, then resumed) keeps its last entry."""
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
@@ -94,33 +127,7 @@ def test_sigkill_then_resume_logs_the_same_losses(corpus, tmp_path):
         sys.executable,
         "-m",
         "openelm_mlx",
-        "pretrain",
-        "--arch-config",
-        str(arch_file),
-        "--data",
-        str(corpus[0]),
-        "--tokenizer",
-        str(corpus[1]),
-        "--out",
-        str(tmp_path / "killed"),
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "32",
-        "--lr",
-        "1e-2",
-        "--warmup",
-        "2",
-        "--eval-every",
-        "6",
-        "--save-every",
-        "5",
-        "--val-fraction",
-        "0.1",
-        "--seed",
-        "3",
+        *_cli_args(corpus, arch_file, tmp_path / "killed", steps=steps, save_every=5),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "killed" / "checkpoints"
@@ -145,6 +152,7 @@ def test_two_processes_equal_one(corpus, tmp_path):
     arch_file.write_text(json.dumps(OpenELMConfig.from_layerwise(**ARCH).to_dict()))
     pretrain(OpenELMConfig.from_layerwise(**ARCH), _run(corpus, tmp_path / "one", batch_size=4), progress=False)
     launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable)) or shutil.which("mlx.launch")
+    openelm = str(Path(sys.executable).parent / "openelm-mlx")
     cmd = [
         launcher,
         "-n",
@@ -154,34 +162,8 @@ def test_two_processes_equal_one(corpus, tmp_path):
         "--starting-port",
         "5730",
         "--",
-        str(Path(sys.executable).parent / "openelm-mlx"),
-        "pretrain",
-        "--arch-config",
-        str(arch_file),
-        "--data",
-        str(corpus[0]),
-        "--tokenizer",
-        str(corpus[1]),
-        "--out",
-        str(tmp_path / "two"),
-        "--steps",
-        "12",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "32",
-        "--lr",
-        "1e-2",
-        "--warmup",
-        "2",
-        "--eval-every",
-        "6",
-        "--save-every",
-        "0",
-        "--val-fraction",
-        "0.1",
-        "--seed",
-        "3",
+        openelm,
+        *_cli_args(corpus, arch_file, tmp_path / "two", batch_size=2),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
