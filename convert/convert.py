@@ -47,7 +47,9 @@ HF_FILES = (
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "tokenizer.json",
 )
+HF_TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
 HF_BIN_FILES = ("config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.model")
 AUTO_MAP = {
     "AutoConfig": "apple/OpenELM-270M--configuration_openelm.OpenELMConfig",
@@ -263,6 +265,9 @@ def convert(
             _quantize_in_place(tmp, q_bits, q_group_size, max_shard_bytes, report)
         if tok is not None:
             tok.save(tmp)
+            for name in HF_TOKENIZER_FILES:  # the source's fast-tokenizer files, for transformers users
+                if source.folder is not None and (source.folder / name).is_file():
+                    shutil.copyfile(source.folder / name, tmp / name)
         load_model(tmp, lazy=True)  # reload: every tensor's shape checked against the config
         report.bytes_on_disk = sum(f.stat().st_size for f in tmp.iterdir())
     report.seconds = time.perf_counter() - tic

@@ -332,11 +332,13 @@ def chat(
                 continue
             if not line.strip():
                 continue
+            answer = session.send(line)
             try:
-                for step in session.send(line):
+                for step in answer:
                     sys.stdout.write(step.text)
                     sys.stdout.flush()
             except KeyboardInterrupt:
+                answer.close()  # the session trims its cache back to what was shown
                 sys.stdout.write(" [stopped]")
             sys.stdout.write("\n")
 

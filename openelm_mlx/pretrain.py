@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -25,7 +25,7 @@ from .data import TokenData, read_documents, tokenize_to_file
 from .io import save
 from .model import Model
 from .tokenizer import Tokenizer
-from .train import OptimizerConfig, Trainer, enable_grad_checkpoint, lm_loss, make_optimizer
+from .train import Evaluate, OptimizerConfig, Trainer, enable_grad_checkpoint, lm_loss, make_optimizer
 
 CHECKPOINTS = "checkpoints"
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -116,15 +116,6 @@ class PretrainConfig:
     arch: dict[str, Any] = field(default_factory=dict)
 
 
-def peak_memory_gb() -> float:
-    """Peak memory: MLX's allocator counter, or the process's max RSS where MLX reports none."""
-    peak = mx.get_peak_memory()
-    if not peak:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = rss if sys.platform == "darwin" else rss * 1024
-    return peak / 1e9
-
-
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted((out / CHECKPOINTS).glob("step_*"))
     return found[-1] if found else None
@@ -167,23 +158,21 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
     elif rank == 0 and (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
 
-    val = data.val_batches(run.batch_size, run.seq_len)
-    log = _Logger(out, enabled=rank == 0, progress=progress, total=run.steps, start=start)
-    metrics: dict[str, float] = {"step": start}
-    for step in range(start, run.steps):
-        micro = [
+    def batches(step: int) -> list[tuple[mx.array, ...]]:
+        return [
             tuple(
                 map(mx.array, data.batch(step * run.grad_accum + i, run.seed, run.batch_size, run.seq_len, rank, world))
             )
             for i in range(run.grad_accum)
         ]
-        metrics = {"step": step + 1, "lr": trainer.learning_rate, **trainer.step(micro)}
-        if run.eval_every and ((step + 1) % run.eval_every == 0 or step + 1 == run.steps):
-            metrics["val_loss"] = trainer.evaluate(val)
-        metrics["peak_memory_gb"] = peak_memory_gb()
-        log.write(metrics)
-        if run.save_every and (step + 1) % run.save_every == 0 and step + 1 < run.steps:
-            _save_checkpoint(trainer, out, step + 1, run, rank, group)
+
+    log = _Logger(out, enabled=rank == 0, progress=progress, total=run.steps, start=start)
+    callbacks = [
+        Evaluate(data.val_batches(run.batch_size, run.seq_len), run.eval_every, run.steps),
+        log,
+        _Checkpointer(out, run, enabled=rank == 0),
+    ]
+    metrics = trainer.fit(batches, run.steps, start, callbacks)
     log.close()
     if rank == 0:
         save(model, out, tokenizer=tokenizer, config_extra={"torch_dtype": "float32"})
@@ -211,12 +200,19 @@ def _prepare_data(run: PretrainConfig, tokenizer: Tokenizer, out: Path, rank: in
     return TokenData.open(path, run.val_fraction, run.seq_len)
 
 
-def _save_checkpoint(trainer: Trainer, out: Path, step: int, run: PretrainConfig, rank: int, group: Any) -> None:
-    if rank == 0:
-        trainer.save_checkpoint(out / CHECKPOINTS / f"step_{step:08d}", {"step": step, "seed": run.seed})
-        for old in sorted((out / CHECKPOINTS).glob("step_*"))[: -run.keep_checkpoints]:
-            import shutil
+class _Checkpointer:
+    """Every `save_every` steps (not the last: the final model is saved anyway), rank 0 writes a
+    checkpoint and keeps the newest `keep_checkpoints`."""
 
+    def __init__(self, out: Path, run: PretrainConfig, enabled: bool):
+        self.out, self.run, self.enabled = out, run, enabled
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        step, every = int(metrics["step"]), self.run.save_every
+        if not (self.enabled and every and step % every == 0 and step < self.run.steps):
+            return
+        trainer.save_checkpoint(self.out / CHECKPOINTS / f"step_{step:08d}", {"step": step, "seed": self.run.seed})
+        for old in sorted((self.out / CHECKPOINTS).glob("step_*"))[: -self.run.keep_checkpoints]:
             shutil.rmtree(old)
 
 
@@ -236,7 +232,7 @@ class _Logger:
 
             self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
 
-    def write(self, metrics: dict[str, float]) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         self.file.write(

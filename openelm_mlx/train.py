@@ -7,6 +7,8 @@ data parallelism through `mx.distributed`, and atomic, exactly-resumable checkpo
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -87,7 +89,32 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
 
 
 class Callback(Protocol):
-    def on_step_end(self, step: int, metrics: dict[str, float]) -> None: ...
+    """Called after every optimizer step; may add entries to `metrics` (e.g. a held-out loss)."""
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+
+def peak_memory_gb() -> float:
+    """Peak memory: MLX's allocator counter, or the process's max RSS where MLX reports none."""
+    peak = mx.get_peak_memory()
+    if not peak:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = rss if sys.platform == "darwin" else rss * 1024
+    return peak / 1e9
+
+
+@dataclass
+class Evaluate:
+    """Adds `val_loss` over fixed `batches` every `every` steps and at `last_step`."""
+
+    batches: Sequence[Batch]
+    every: int
+    last_step: int
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        step = int(metrics["step"])
+        if self.every and (step % self.every == 0 or step == self.last_step):
+            metrics["val_loss"] = trainer.evaluate(self.batches)
 
 
 @dataclass
@@ -148,6 +175,22 @@ class Trainer:
         self.optimizer.update(self.model, grads)
         return norm
 
+    def fit(
+        self, batches: Callable[[int], Sequence[Batch]], steps: int, start: int = 0, callbacks: Sequence[Callback] = ()
+    ) -> dict[str, float]:
+        """Run optimizer steps `start` .. `steps - 1`, each over the micro-batches `batches(step)`.
+
+        Returns:
+            The last step's metrics (step, lr, loss, grad_norm, tokens_per_sec, peak_memory_gb, ...).
+        """
+        metrics: dict[str, float] = {"step": start}
+        for step in range(start, steps):
+            lr = self.learning_rate
+            metrics = {"step": step + 1, "lr": lr, **self.step(batches(step))}
+            for callback in callbacks:
+                callback.on_step_end(self, metrics)
+        return metrics
+
     def step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
         """One optimizer step over `micro_batches` (gradient accumulation); returns metrics."""
         tic = time.perf_counter()
@@ -173,6 +216,7 @@ class Trainer:
             "tokens": tokens * self.world,
             "tokens_per_sec": tokens * self.world / seconds,
             "seconds": seconds,
+            "peak_memory_gb": peak_memory_gb(),
         }
 
     def evaluate(self, batches: Sequence[Batch]) -> float:

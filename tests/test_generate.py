@@ -229,3 +229,18 @@ def test_missing_tokenizer_says_how_to_add_one(tmp_path, model):
     result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "no-tok"), "--prompt", "Hi"])
     assert result.exit_code == 1
     assert "--tokenizer hf-internal-testing/llama-tokenizer" in result.stderr and "Traceback" not in result.output
+
+
+def test_interrupted_answer_leaves_a_consistent_cache(model, llama_tokenizer_path):
+    """Ctrl-C mid-answer: the next turn answers exactly as a fresh run over what was kept."""
+    tok = Tokenizer(llama_tokenizer_path, chat_template=True)
+    session = ChatSession(model, tok, max_tokens=12)
+    first_ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    answer = session.send("Hi")
+    shown = [next(answer).token for _ in range(3)]
+    answer.close()  # what the CLI does on KeyboardInterrupt
+    assert {c.offset for c in session.cache} == {len(first_ids) + 3} and not session.after_eos
+    turn = chat_turn_ids(tok, [{"role": "user", "content": "Go on"}], after_eos=False)
+    assert turn[0] == 2  # the cut answer is closed with EOS first
+    second = [s.token for s in session.send("Go on") if s.token >= 0]
+    assert second == list(generate_tokens(model, first_ids + shown + turn, 12))

@@ -139,3 +139,22 @@ def test_models_written_by_mlx_lm_load_here(tmp_path, llama_tokenizer_path):
     mlx_lm_convert(str(tmp_path / "hf"), str(tmp_path / "theirs"), quantize=True, q_bits=4, q_group_size=32)
     theirs, _ = mlx_lm_load_model(tmp_path / "theirs")
     assert mx.array_equal(load_model(tmp_path / "theirs")(X), theirs(X))
+
+
+def test_saved_model_with_tokenizer_loads_with_mlx_lm_load(tmp_path, llama_tokenizer_path):
+    import mlx_lm
+    from conftest import random_model
+
+    from openelm_mlx import load
+    from openelm_mlx.config import OpenELMConfig
+    from openelm_mlx.tokenizer import Tokenizer
+
+    model = random_model(OpenELMConfig.tiny(vocab_size=32000, model_dim=64))
+    save(model, tmp_path / "m", tokenizer=Tokenizer(llama_tokenizer_path, chat_template=True))
+    their_model, their_tok = mlx_lm.load(str(tmp_path / "m"))
+    ours, our_tok = load(tmp_path / "m")
+    assert mx.array_equal(their_model(X), ours(X))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert list(their_tok.apply_chat_template(messages, add_generation_prompt=True)) == our_tok.apply_chat_template(
+        messages
+    )

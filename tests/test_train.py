@@ -1,0 +1,88 @@
+"""The shared training loop: reusable with any loss/batches/callbacks, accumulation, precision, checkpointing."""
+
+import mlx.core as mx
+import numpy as np
+from conftest import random_model
+from mlx.utils import tree_flatten
+
+from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.train import OptimizerConfig, Trainer, enable_grad_checkpoint, lm_loss, make_optimizer, make_schedule
+
+X = mx.array(np.random.default_rng(0).integers(3, 256, (4, 17)), dtype=mx.int32)
+
+
+def _trainer(model, **kw):
+    opt = make_optimizer(OptimizerConfig(lr=1e-2, steps=50, warmup=0))
+    return Trainer(model, lambda m, x, y: lm_loss(m, x, y), opt, **kw)
+
+
+def test_fit_with_frozen_weights_masked_loss_and_callbacks():
+    """What a LoRA run does: only some parameters train, a masked loss, a callback per step."""
+    model = random_model(OpenELMConfig.tiny())
+    model.freeze()
+    model.transformer.norm.unfreeze()
+    frozen_before = np.array(model.layers[0].attn.qkv_proj.weight)
+    mask = mx.concatenate([mx.zeros((4, 8)), mx.ones((4, 8))], axis=1)  # loss on the answer half only
+    seen = []
+
+    class Record:
+        def on_step_end(self, trainer, metrics):
+            seen.append(metrics["loss"])
+
+    opt = make_optimizer(OptimizerConfig(lr=5e-2, steps=20))
+    trainer = Trainer(model, lambda m, x, y, k: lm_loss(m, x, y, mask=k), opt)
+    trainer.fit(lambda step: [(X[:, :16], X[:, 1:], mask)], steps=20, callbacks=[Record()])
+    assert len(seen) == 20 and seen[-1] < seen[0]
+    assert np.array_equal(np.array(model.layers[0].attn.qkv_proj.weight), frozen_before)
+    assert not np.allclose(np.array(model.transformer.norm.weight), 1.0)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    a, b = random_model(OpenELMConfig.tiny()), random_model(OpenELMConfig.tiny())
+    one = _trainer(a).step([(X[:, :-1], X[:, 1:])])
+    two = _trainer(b).step([(X[:2, :-1], X[:2, 1:]), (X[2:, :-1], X[2:, 1:])])
+    assert abs(one["loss"] - two["loss"]) < 1e-5
+    for (k, va), (_, vb) in zip(tree_flatten(a.parameters()), tree_flatten(b.parameters())):
+        assert mx.allclose(va, vb, atol=1e-5), k
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_and_state():
+    model = random_model(OpenELMConfig.tiny())
+    trainer = _trainer(model, compute_dtype=mx.bfloat16)
+    metrics = trainer.fit(lambda step: [(X[:, :-1], X[:, 1:])], steps=3)
+    assert np.isfinite(metrics["loss"])
+    assert {v.dtype for _, v in tree_flatten(model.parameters())} == {mx.float32}
+    assert {v.dtype for k, v in tree_flatten(trainer.optimizer.state) if k.endswith(("m", "v"))} == {mx.float32}
+
+
+def test_grad_checkpointing_gives_the_same_step():
+    a, b = random_model(OpenELMConfig.tiny()), random_model(OpenELMConfig.tiny())
+    enable_grad_checkpoint(b)
+    ma = _trainer(a).step([(X[:, :-1], X[:, 1:])])
+    mb = _trainer(b).step([(X[:, :-1], X[:, 1:])])
+    assert abs(ma["loss"] - mb["loss"]) < 1e-6
+    assert all(
+        mx.allclose(va, vb, atol=1e-6)
+        for (_, va), (_, vb) in zip(tree_flatten(a.parameters()), tree_flatten(b.parameters()))
+    )
+    assert type(random_model(OpenELMConfig.tiny()).layers[0]).__name__ == "DecoderLayer"  # others untouched
+
+
+def test_schedule_warms_up_from_1e6_then_decays_to_a_tenth():
+    schedule = make_schedule(OptimizerConfig(lr=1e-3, steps=100, warmup=10))
+    assert abs(schedule(mx.array(0)).item() - 1e-6) < 1e-9
+    assert abs(schedule(mx.array(10)).item() - 1e-3) < 1e-9
+    assert abs(schedule(mx.array(100)).item() - 1e-4) < 1e-9
+
+
+def test_weight_decay_spares_norms():
+    model = random_model(OpenELMConfig.tiny())
+    opt = make_optimizer(OptimizerConfig(lr=1e-2, steps=10, weight_decay=0.5))
+    trainer = Trainer(
+        model, lambda m, x, y: (mx.sum(m.transformer.norm.weight) * 0.0 + 0.0 * lm_loss(m, x, y)[0], mx.array(1)), opt
+    )
+    norm_before = np.array(model.transformer.norm.weight)
+    emb_before = np.array(model.transformer.token_embeddings.weight)
+    trainer.step([(X[:, :-1], X[:, 1:])])  # zero gradient: only weight decay moves anything
+    assert np.array_equal(np.array(model.transformer.norm.weight), norm_before)
+    assert not np.allclose(np.array(model.transformer.token_embeddings.weight), emb_before)
