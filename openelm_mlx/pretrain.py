@@ -78,7 +78,8 @@ def train_tokenizer(
             pad_id=-1,
             character_coverage=1.0,
             input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
+            shuffle_input_sentence=False,
+            num_threads=1,  # deterministic: the same data gives the same tokenizer
             allow_whitespace_only_pieces=True,
             remove_extra_whitespaces=False,
             normalization_rule_name="identity",
