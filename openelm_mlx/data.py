@@ -121,13 +121,18 @@ class TokenData:
 
     @classmethod
     def open(cls, path: Path, val_fraction: float, seq_len: int) -> TokenData:
+        """Memory-map a token file written by `tokenize_to_file`."""
         dtype = np.uint32 if path.stem.endswith("uint32") else np.uint16
-        tokens = np.memmap(path, dtype=dtype, mode="r")
+        return cls.from_tokens(np.memmap(path, dtype=dtype, mode="r"), val_fraction, seq_len, str(path))
+
+    @classmethod
+    def from_tokens(cls, tokens: np.ndarray, val_fraction: float, seq_len: int, source: str = "data") -> TokenData:
+        """Hold out the last `val_fraction` of the stream (at least one window)."""
         n_val = int(len(tokens) * val_fraction) if val_fraction > 0 else 0
         if n_val and n_val < seq_len + 1:
             n_val = seq_len + 1
         if len(tokens) - n_val < seq_len + 2:
-            raise DataError(f"{path}: {len(tokens)} tokens is too few for seq_len {seq_len} (+ held-out split)")
+            raise DataError(f"{source}: {len(tokens)} tokens is too few for seq_len {seq_len} (+ held-out split)")
         return cls(train=tokens[: len(tokens) - n_val], val=tokens[len(tokens) - n_val :])
 
     def batch(
