@@ -33,7 +33,7 @@ from openelm_mlx.io import (
     write_weights,
 )
 from openelm_mlx.model import Model
-from openelm_mlx.quantize import bits_per_weight, quantize_model
+from openelm_mlx.quantize import bits_per_weight, check_settings, quantize_model
 from openelm_mlx.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerNotFoundError, find_tokenizer
 
 from .tables import HF_TABLE, TABLES, detect_format, invert, map_state_dict
@@ -208,6 +208,30 @@ def _tokenizer_for(source: Source, tokenizer: str | None, chat: bool, log: Calla
         raise ValueError(str(e)) from None
 
 
+def _choose_vocab(
+    tensors: dict[str, LazyTensor],
+    config: OpenELMConfig,
+    vocab_size: int | None,
+    tok: Tokenizer | None,
+    log: Callable[[str], None],
+) -> int:
+    """`--vocab-size`, else the tokenizer's size (dropping CoreNet's padding rows), else all rows."""
+    if "transformer.token_embeddings.weight" not in tensors:
+        sources = sorted({t.source for t in tensors.values()})
+        raise CheckpointError(f"{', '.join(sources)}: missing tensor 'transformer.token_embeddings.weight'")
+    rows = tensors["transformer.token_embeddings.weight"].shape[0]
+    if vocab_size is not None:
+        return vocab_size
+    if tok is not None and rows > tok.vocab_size:
+        return tok.vocab_size
+    if rows != config.vocab_size:
+        log(
+            f"warning: keeping all {rows} embedding rows (padded vocabulary); pass --vocab-size or --tokenizer "
+            "to drop the padding"
+        )
+    return rows
+
+
 def convert(
     src: str | Path,
     dst: str | Path,
@@ -233,6 +257,8 @@ def convert(
         CheckpointError / ValueError / HubError: naming the file and tensor; nothing is written.
     """
     tic = time.perf_counter()
+    if quantize:
+        check_settings(q_bits, q_group_size)
     source = open_source(src)
     config = _source_config(source, arch, arch_config)
     tensors = map_state_dict(source.tensors, TABLES[source.format], source.label)
@@ -242,17 +268,7 @@ def convert(
         else ("instruct" in str(src).lower() or "instruct" in str(arch or "").lower())
     )
     tok = _tokenizer_for(source, tokenizer, chat, log)
-    rows = (
-        tensors["transformer.token_embeddings.weight"].shape[0]
-        if "transformer.token_embeddings.weight" in tensors
-        else config.vocab_size
-    )
-    vocab = vocab_size or (tok.vocab_size if tok is not None and rows > tok.vocab_size else rows)
-    if vocab_size is None and tok is None and rows != config.vocab_size:
-        log(
-            f"warning: keeping all {rows} embedding rows (padded vocabulary); pass --vocab-size or --tokenizer "
-            "to drop the padding"
-        )
+    vocab = _choose_vocab(tensors, config, vocab_size, tok, log)
     config = dataclasses.replace(config, vocab_size=vocab)
     tensors = _resize_vocab(tensors, vocab)
     check_weights(Model(config), tensors, {n: Path(t.source) for n, t in tensors.items()})

@@ -11,6 +11,15 @@ Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 
 
+def check_settings(bits: int, group_size: int) -> None:
+    """Raise ValueError unless MLX's affine quantization supports these settings."""
+    if bits not in Q_BITS or group_size not in Q_GROUP_SIZES:
+        raise ValueError(
+            f"quantization supports bits {Q_BITS} and group sizes {Q_GROUP_SIZES}, "
+            f"got bits={bits}, group_size={group_size}"
+        )
+
+
 def quantize_model(model: Model, bits: int = 4, group_size: int = 64) -> list[str]:
     """Quantize every Linear and the (tied) embedding in place.
 
@@ -22,11 +31,7 @@ def quantize_model(model: Model, bits: int = 4, group_size: int = 64) -> list[st
     Raises:
         ValueError: unsupported bits or group size.
     """
-    if bits not in Q_BITS or group_size not in Q_GROUP_SIZES:
-        raise ValueError(
-            f"quantization supports bits {Q_BITS} and group sizes {Q_GROUP_SIZES}, "
-            f"got bits={bits}, group_size={group_size}"
-        )
+    check_settings(bits, group_size)
     skipped: list[str] = []
 
     def predicate(path: str, module: nn.Module) -> bool:

@@ -257,3 +257,15 @@ def test_tables_are_inverses_and_reject_unknown_keys():
 def test_write_safetensors_helper_is_readable_by_mlx(tmp_path):
     write_safetensors(tmp_path / "a.safetensors", {"x": np.arange(6, dtype=np.float32).reshape(2, 3)})
     assert mx.load(str(tmp_path / "a.safetensors"))["x"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_missing_embedding_and_bad_quantization_settings_fail_before_writing(source, tmp_path):
+    weights, config, _ = source
+    hf_folder(tmp_path / "hf", {k: v for k, v in weights.items() if "token_embeddings" not in k}, config)
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "missing tensor 'transformer.token_embeddings.weight'" in result.output
+    result = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "out"), "-q", "--q-bits", "7"]
+    )
+    assert result.exit_code == 1 and "got bits=7" in result.output
+    assert not (tmp_path / "out").exists()
