@@ -6,6 +6,7 @@ The format is the one `mlx_lm.load` reads; Apple's own Hugging Face folders load
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -365,7 +366,11 @@ def read_arch_config(path: str | Path) -> OpenELMConfig:
     try:
         gpt = data.get("model", {}).get("language_modeling", {}).get("general_gpt", {})
         if isinstance(gpt, dict) and "model_name" in gpt:
-            return OpenELMConfig.from_preset(gpt["model_name"], **{k: v for k, v in gpt.items() if k != "model_name"})
+            # Next to model_name CoreNet keeps vocab_size (padded), max_context_length and training-only
+            # entries such as padding_index; only architecture fields are taken.
+            fields = {f.name for f in dataclasses.fields(OpenELMConfig) if f.init}
+            overrides = {k: v for k, v in gpt.items() if k in fields}
+            return OpenELMConfig.from_preset(gpt["model_name"], **overrides)
         return OpenELMConfig.from_dict(data)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: {e}") from None

@@ -269,3 +269,18 @@ def test_missing_embedding_and_bad_quantization_settings_fail_before_writing(sou
     )
     assert result.exit_code == 1 and "got bits=7" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_corenet_training_yaml_names_the_architecture(tmp_path):
+    from openelm_mlx.io import read_arch_config
+
+    (tmp_path / "openelm_270M.yaml").write_text(
+        "_anchor_vocab_size: &_anchor_vocab_size 32128\n"
+        "_anchor_padding_index: &_anchor_padding_index 32000\n"
+        "model:\n  activation_checkpointing: false\n  language_modeling:\n    name: general_gpt\n"
+        "    general_gpt:\n      model_name: OpenELM-270M\n      vocab_size: *_anchor_vocab_size\n"
+        "      max_context_length: 2048\n      padding_index: *_anchor_padding_index\n"
+    )
+    config = read_arch_config(tmp_path / "openelm_270M.yaml")
+    assert config.num_parameters() == 271_527_168 + 128 * 1280  # the padded embedding rows
+    assert config.vocab_size == 32128 and config.num_query_heads[-1] == 20
