@@ -35,9 +35,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
     args = parser.parse_args()
     rows = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.dtypes.split(","):
         for ckpt in (False, True):
             out = subprocess.run(
                 [
@@ -55,7 +56,7 @@ def main() -> None:
                 check=True,
             )
             rows[(dtype, ckpt)] = json.loads(out.stdout.strip().splitlines()[-1])
-    base = rows[("float32", False)]
+    base = next(iter(rows.values()))
     print(f"270M-shaped step, batch {args.batch_size} x {args.seq_len} tokens (best of steps 2..{args.steps}):")
     for (dtype, ckpt), r in rows.items():
         print(

@@ -202,7 +202,8 @@ class Trainer:
             tokens += batch[0].size
             mx.eval(total, grads)
         k = len(micro_batches)
-        grads = tree_map(lambda g: g / k, grads)
+        if k > 1:
+            grads = tree_map(lambda g: g / k, grads)
         loss = total / k
         if self.world > 1:
             grads = nn.average_gradients(grads, group=self.group)
