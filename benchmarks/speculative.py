@@ -51,8 +51,10 @@ def main() -> None:
         spec_tps.append(stps)
     print(f"target {args.target}, draft {name}, {args.num_draft_tokens} draft tokens per step, temp 0")
     print(f"  tokens from the draft: {total_acc}/{total_gen} = {100 * total_acc / total_gen:.1f}%")
-    print(f"  generation tok/s plain {sum(plain_tps) / len(plain_tps):.1f}, speculative "
-          f"{sum(spec_tps) / len(spec_tps):.1f} ({sum(spec_tps) / sum(plain_tps):.2f}x)")
+    print(
+        f"  generation tok/s plain {sum(plain_tps) / len(plain_tps):.1f}, speculative "
+        f"{sum(spec_tps) / len(spec_tps):.1f} ({sum(spec_tps) / sum(plain_tps):.2f}x)"
+    )
     print(f"  text identical to plain decoding: {same}")
 
 
