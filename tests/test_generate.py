@@ -244,3 +244,12 @@ def test_interrupted_answer_leaves_a_consistent_cache(model, llama_tokenizer_pat
     assert turn[0] == 2  # the cut answer is closed with EOS first
     second = [s.token for s in session.send("Go on") if s.token >= 0]
     assert second == list(generate_tokens(model, first_ids + shown + turn, 12))
+
+
+def test_rotating_cache_keeps_generating_past_its_window(model):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model, max_kv_size=16)
+    out = list(generate_tokens(model, [1, 450, 4996, 17354], 40, prompt_cache=cache, eos_ids=[]))
+    assert len(out) == 40
+    assert cache[0].keys.shape[2] <= 16  # memory stays bounded by the window
