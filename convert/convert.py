@@ -347,7 +347,3 @@ def export(
                 shutil.copyfile(src / name, tmp / name)
         size = sum(f.stat().st_size for f in tmp.iterdir())
     return Report(Path(dst), len(hf), size, time.perf_counter() - tic, out_dtype)
-
-
-def describe(report: Report) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(report).items()}
