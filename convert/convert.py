@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -26,9 +27,11 @@ from openelm_mlx.io import (
     check_weights,
     load_model,
     model_config_dict,
+    parse_dtype,
     read_config,
     read_json,
     resolve_arch,
+    write_shards,
     write_weights,
 )
 from openelm_mlx.model import Model
@@ -36,18 +39,9 @@ from openelm_mlx.quantize import bits_per_weight, check_settings, quantize_model
 from openelm_mlx.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerNotFoundError, find_tokenizer
 
 from .tables import HF_TABLE, TABLES, detect_format, invert, map_state_dict
-from .tensors import MX_DTYPES, LazyTensor, open_safetensors, read_index
+from .tensors import LazyTensor, open_safetensors, read_index
 from .torch_zip import load_torch_zip
 
-HF_FILES = (
-    "config.json",
-    "model*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-)
 HF_TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
 HF_BIN_FILES = ("config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.model")
 AUTO_MAP = {
@@ -106,7 +100,7 @@ def open_source(src: str | Path) -> Source:
     """A local folder or file, or a Hub repo id (only the needed files are fetched)."""
     path = Path(src)
     if not path.exists():
-        path = download(str(src), HF_FILES)
+        path = download(str(src))
         if not any(path.glob("*.safetensors")):
             path = download(str(src), HF_BIN_FILES)
     if path.is_dir():
@@ -139,18 +133,6 @@ def _resize_vocab(tensors: dict[str, LazyTensor], rows: int) -> dict[str, LazyTe
     return out
 
 
-def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    total = 0
-    for name, size in sizes.items():
-        if shards[-1] and total + size > max_bytes:
-            shards.append([])
-            total = 0
-        shards[-1].append(name)
-        total += size
-    return shards
-
-
 def write_streaming(
     out: Path,
     tensors: dict[str, LazyTensor],
@@ -158,32 +140,15 @@ def write_streaming(
     max_bytes: int = MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write tensors shard by shard, each read, cast and released in turn."""
-    sizes = {n: int(mx.zeros(0, dtype=dtype).itemsize) * _numel(t.shape) for n, t in tensors.items()}
-    plan = _plan_shards(sizes, max_bytes)
-    weight_map = {}
-    for i, names in enumerate(plan, 1):
-        file = "model.safetensors" if len(plan) == 1 else f"model-{i:05d}-of-{len(plan):05d}.safetensors"
-        shard = {n: tensors[n].to_mx().astype(dtype) for n in names}
-        mx.save_safetensors(str(out / file), shard, metadata=metadata or {"format": "mlx"})
-        weight_map.update(dict.fromkeys(names, file))
-        del shard
-    if len(plan) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    """Write tensors shard by shard, each read from the source and cast only when its shard is written."""
+    itemsize = mx.zeros(0, dtype=dtype).itemsize
+    sizes = {n: itemsize * math.prod(t.shape) for n, t in tensors.items()}
+    write_shards(out, sizes, lambda names: {n: tensors[n].to_mx().astype(dtype) for n in names}, max_bytes, metadata)
 
 
 def _choose_dtype(requested: str | None, tensors: dict[str, LazyTensor], config: OpenELMConfig, force: bool) -> str:
     dtype = requested or tensors["transformer.token_embeddings.weight"].dtype
-    if dtype not in MX_DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(MX_DTYPES)}, got {dtype!r}")
+    parse_dtype(dtype)
     if dtype == "float16" and config.is_3b_shaped and not force:
         raise ValueError(
             "float16 overflows in 3B-shaped OpenELMs (activations reach the hundreds of thousands); "
@@ -274,7 +239,7 @@ def convert(
     out_dtype = _choose_dtype(dtype, tensors, config, force)
     report = Report(Path(dst), len(tensors), 0, 0.0, out_dtype, tokenizer=str(tok.model_file) if tok else None)
     with atomic_output_dir(dst, stale=("model*.safetensors", "model.safetensors.index.json")) as tmp:
-        write_streaming(tmp, tensors, MX_DTYPES[out_dtype], max_shard_bytes)
+        write_streaming(tmp, tensors, parse_dtype(out_dtype), max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": out_dtype}, indent=2))
         if quantize:
             _quantize_in_place(tmp, q_bits, q_group_size, max_shard_bytes, report)
@@ -327,10 +292,8 @@ def export(
         model = dequantize_model(model)
     weights = dict(tree_flatten(model.parameters()))
     out_dtype = dtype or str(model.transformer.norm.weight.dtype).removeprefix("mlx.core.")
-    if out_dtype not in MX_DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(MX_DTYPES)}, got {out_dtype!r}")
-    names = invert(HF_TABLE)
-    hf = {names.get(k, k): v.astype(MX_DTYPES[out_dtype]) for k, v in weights.items()}
+    cast, names = parse_dtype(out_dtype), invert(HF_TABLE)
+    hf = {names.get(k, k): v.astype(cast) for k, v in weights.items()}
     config = {
         **model.config.to_dict(),
         "torch_dtype": out_dtype,

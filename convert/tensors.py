@@ -25,7 +25,6 @@ _SAFETENSORS_DTYPES = {
     "BOOL": (np.bool_, "bool"),
     "U32": (np.uint32, "uint32"),
 }
-MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 @dataclass(frozen=True)

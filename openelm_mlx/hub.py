@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+# What loading or converting a model needs; pytorch_model*.bin is fetched only when these hold no weights.
 MODEL_FILES = (
     "config.json",
-    "*.safetensors",
+    "model*.safetensors",
     "model.safetensors.index.json",
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "tokenizer.json",
 )
 
 

@@ -13,7 +13,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from .config import OpenELMConfig
 from .model import Model
 
 MAX_SHARD_BYTES = 5 << 30
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # Apple's untied checkpoints carry this unused tensor next to `lm_head.weight`.
 UNUSED_KEYS = frozenset({"transformer.classifier.weight"})
 _DTYPE_BYTES = {
@@ -45,6 +46,13 @@ _DTYPE_BYTES = {
 
 class CheckpointError(ValueError):
     """A model file is missing, corrupt, or disagrees with its config; the message names it."""
+
+
+def parse_dtype(name: str) -> mx.Dtype:
+    """`float32`, `float16` or `bfloat16` as an MLX dtype; anything else raises a ValueError."""
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -247,16 +255,39 @@ def atomic_output_dir(dest: str | Path, stale: tuple[str, ...] = ()) -> Iterator
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.array]]:
-    shards: list[dict[str, mx.array]] = [{}]
-    size = 0
-    for name, value in weights.items():
-        if shards[-1] and size + value.nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = value
-        size += value.nbytes
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Group tensor names, in order, into shards of at most `max_bytes` (one oversized tensor per shard)."""
+    shards: list[list[str]] = [[]]
+    total = 0
+    for name, size in sizes.items():
+        if shards[-1] and total + size > max_bytes:
+            shards.append([])
+            total = 0
+        shards[-1].append(name)
+        total += size
     return shards
+
+
+def write_shards(
+    out_dir: Path,
+    sizes: dict[str, int],
+    read: Callable[[list[str]], dict[str, mx.array]],
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write `model.safetensors`, or `model-0000k-of-0000n.safetensors` + index past the shard size.
+
+    `read(names)` supplies one shard's tensors at a time, so a caller can stream them from disk.
+    """
+    plan = plan_shards(sizes, max_shard_bytes)
+    weight_map = {}
+    for i, names in enumerate(plan, 1):
+        file = "model.safetensors" if len(plan) == 1 else f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+        mx.save_safetensors(str(out_dir / file), read(names), metadata=metadata or {"format": "mlx"})
+        weight_map.update(dict.fromkeys(names, file))
+    if len(plan) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def write_weights(
@@ -265,19 +296,9 @@ def write_weights(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write `model.safetensors`, or `model-0000k-of-0000n.safetensors` + index past the shard size."""
-    metadata = metadata or {"format": "mlx"}
-    shards = _shards(weights, max_shard_bytes)
-    if len(shards) == 1:
-        mx.save_safetensors(str(out_dir / "model.safetensors"), shards[0], metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(out_dir / name), shard, metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    """Write in-memory weights as (sharded) safetensors; see `write_shards`."""
+    sizes = {name: value.nbytes for name, value in weights.items()}
+    write_shards(out_dir, sizes, lambda names: {n: weights[n] for n in names}, max_shard_bytes, metadata)
 
 
 def model_config_dict(model: Model, extra: dict[str, Any] | None = None) -> dict[str, Any]:

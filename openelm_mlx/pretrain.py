@@ -22,13 +22,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import OpenELMConfig
 from .data import TokenData, read_documents, tokenize_to_file
-from .io import save
+from .io import parse_dtype, save
 from .model import Model
 from .tokenizer import Tokenizer
 from .train import Evaluate, OptimizerConfig, Trainer, enable_grad_checkpoint, lm_loss, make_optimizer
 
 CHECKPOINTS = "checkpoints"
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def init_weights(model: Model, seed: int) -> None:
@@ -128,8 +127,7 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
     Returns:
         Final metrics: {"step", "loss", "val_loss"}.
     """
-    if run.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {run.dtype!r}")
+    compute_dtype = parse_dtype(run.dtype)
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     out = Path(run.out)
@@ -149,7 +147,7 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
         model,
         lambda m, x, y: lm_loss(m, x, y, z_loss=run.z_loss),
         make_optimizer(opt),
-        compute_dtype=None if run.dtype == "float32" else DTYPES[run.dtype],
+        compute_dtype=None if compute_dtype == mx.float32 else compute_dtype,
         grad_clip=run.grad_clip,
         group=group if world > 1 else None,
     )
