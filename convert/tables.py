@@ -10,6 +10,8 @@ import re
 from collections.abc import Mapping
 from typing import TypeVar
 
+from openelm_mlx.errors import CheckpointError
+
 T = TypeVar("T")
 
 _LAYER_PARAMS = (
@@ -62,25 +64,38 @@ def map_name(name: str, table: Mapping[str, str | None]) -> str | None:
 
 
 def map_state_dict(state: Mapping[str, T], table: Mapping[str, str | None], source: str = "checkpoint") -> dict[str, T]:
-    """Rename every key through `table`, dropping those it maps to None.
+    """Rename every key through `table` (templates match any layer index), dropping those it maps to None.
 
     Raises:
-        ValueError: naming `source` and the first key the table does not know.
+        CheckpointError: naming `source` and the first key the table does not know, or two keys
+            that map to the same name.
     """
     out: dict[str, T] = {}
     for name, value in state.items():
         try:
             target = map_name(name, table)
         except KeyError:
-            raise ValueError(f"{source}: unknown tensor {name!r} for this checkpoint format") from None
+            raise CheckpointError(f"{source}: unknown tensor {name!r} for this checkpoint format") from None
         if target is not None:
+            if target in out:
+                raise CheckpointError(f"{source}: two tensors map to {target!r}")
             out[target] = value
     return out
 
 
 def invert(table: Mapping[str, str | None]) -> dict[str, str]:
-    """The reverse table (MLX -> source), for export."""
-    return {dst: src for src, dst in table.items() if dst is not None}
+    """The reverse table (MLX name template -> source name template), for export.
+
+    Raises:
+        ValueError: two source names map to the same target (the table would not be invertible).
+    """
+    inverse: dict[str, str] = {}
+    for src, dst in table.items():
+        if dst is not None:
+            if dst in inverse:
+                raise ValueError(f"{dst!r} has two sources in the table: {inverse[dst]!r} and {src!r}")
+            inverse[dst] = src
+    return inverse
 
 
 def detect_format(names: list[str]) -> str:

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-from openelm_mlx.convert.convert import convert, export
+from openelm_mlx.convert import convert, export
 
 from openelm_mlx import load_model
 from openelm_mlx.demo import DEMO_DIR

@@ -1,8 +1,22 @@
 """openelm-mlx: Apple's OpenELM language models on MLX."""
 
 from .config import OpenELMConfig
-from .io import CheckpointError, load, load_model, save
+from .errors import CheckpointError, DataError, OpenELMError, OptionError
+from .generate import GenerationConfig
+from .io import load, load_model, save
 from .model import Model
 from .tokenizer import Tokenizer
 
-__all__ = ["CheckpointError", "Model", "OpenELMConfig", "Tokenizer", "load", "load_model", "save"]
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "GenerationConfig",
+    "Model",
+    "OpenELMConfig",
+    "OpenELMError",
+    "OptionError",
+    "Tokenizer",
+    "load",
+    "load_model",
+    "save",
+]

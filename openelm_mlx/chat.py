@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from .generate import GenerationStep, chat_turn_ids, stream_generate
-from .tokenizer import Tokenizer
+from .generate import GenerationConfig, GenerationStep, resolve_config, stream_generate
+from .tokenizer import Message, Tokenizer, render_chat
+
+
+def chat_turn_ids(tokenizer: Tokenizer, messages: Sequence[Message], after_eos: bool) -> list[int]:
+    """Ids that continue a cached conversation with `messages` and the generation prompt.
+
+    The cached history ends right after an assistant answer; `after_eos` says whether that answer's
+    EOS is already in the cache. The result equals the tail of the whole conversation's template.
+    """
+    ids = tokenizer.encode_chat_text("\n" + render_chat(messages, add_generation_prompt=True))
+    return ids if after_eos else [tokenizer.eos_id, *ids]
 
 
 class ChatSession:
@@ -17,27 +27,27 @@ class ChatSession:
 
     Args:
         model, tokenizer: the model and its tokenizer.
+        config: generation settings (`max_kv_size` makes a rotating cache for long chats); keyword
+            `settings` override it.
         system: an optional system prompt for the conversation.
-        max_kv_size: a rotating cache of this many tokens (long chats).
-        **sampling: passed to `stream_generate` (temp, top_p, repetition_penalty, max_tokens, ...).
     """
 
     def __init__(
         self,
         model: nn.Module,
         tokenizer: Tokenizer,
+        config: GenerationConfig | None = None,
+        *,
         system: str | None = None,
-        max_kv_size: int | None = None,
-        **sampling: Any,
+        **settings: Any,
     ):
         self.model, self.tokenizer, self.system = model, tokenizer, system
-        self.max_kv_size = max_kv_size
-        self.sampling = sampling
+        self.config = resolve_config(config, settings)
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation."""
-        self.cache = make_prompt_cache(self.model, max_kv_size=self.max_kv_size)
+        self.cache = make_prompt_cache(self.model, max_kv_size=self.config.max_kv_size)
         self.tokens = 0  # tokens in the cache
         self.started = False
         self.after_eos = True
@@ -53,7 +63,7 @@ class ChatSession:
         self.started = True
         start, generated, ended_on_eos = self.tokens + len(ids), 0, False
         try:
-            for step in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache, **self.sampling):
+            for step in stream_generate(self.model, self.tokenizer, ids, self.config, prompt_cache=self.cache):
                 if step.token >= 0:
                     generated += 1
                 else:

@@ -6,15 +6,20 @@ Per-layer sizes (query/KV heads, FFN widths) are computed here once, never insid
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from numbers import Number
 from typing import Any
 
 import numpy as np
 
-# Fields of Apple's config.json that carry no architecture we need, or generic HF bookkeeping.
-_IGNORED_KEYS = frozenset(
+# config.json fields that carry no architecture (HF/mlx-lm bookkeeping, or derived here); any other
+# unknown field is reported once, since it may change the model in a way this code ignores.
+KNOWN_EXTRA_KEYS = frozenset(
     {
+        "model_type",
+        "activation_fn_name",
+        "normalization_layer_name",
         "architectures",
         "auto_map",
         "torch_dtype",
@@ -26,11 +31,13 @@ _IGNORED_KEYS = frozenset(
         "quantization_config",
         "_name_or_path",
         "tie_word_embeddings",
-        "rms_norm_eps",
         "num_kv_heads",
         "num_query_heads",
+        "pad_token_id",
+        "chat_template",
     }
 )
+MAX_LAYERS = 1024  # far above any released size; bounds what a hostile config can make us allocate
 
 PRESETS: dict[str, dict[str, Any]] = {
     "OpenELM-270M": dict(num_transformer_layers=16, model_dim=1280, head_dim=64),
@@ -101,14 +108,20 @@ class OpenELMConfig:
     max_context_length: int = 2048
     rope_freq_constant: float = 10000
     rope_max_length: int = 4096
+    rms_norm_eps: float = 1e-6
     bos_token_id: int = 1
     eos_token_id: int = 2
     intermediate_sizes: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         n = self.num_transformer_layers
         if n < 1 or self.model_dim < 1 or self.head_dim < 1 or self.vocab_size < 1:
             raise ValueError("num_transformer_layers, model_dim, head_dim and vocab_size must be positive")
+        if n > MAX_LAYERS:
+            raise ValueError(f"num_transformer_layers {n} is more than {MAX_LAYERS}")
+        if not 0 < self.rms_norm_eps < 1:
+            raise ValueError(f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         for name in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
@@ -138,8 +151,15 @@ class OpenELMConfig:
         if d.get("normalization_layer_name", "rms_norm") != "rms_norm":
             raise ValueError(f"normalization_layer_name {d['normalization_layer_name']!r} is not supported")
         names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(k for k in d if k not in names and k not in KNOWN_EXTRA_KEYS)
+        if unknown:
+            warnings.warn(f"config fields not used by OpenELM, ignored: {', '.join(unknown)}", stacklevel=2)
         kwargs = {k: v for k, v in d.items() if k in names and k not in ("num_query_heads", "num_kv_heads")}
-        n = int(d["num_transformer_layers"])
+        if "num_transformer_layers" not in d:
+            raise ValueError("missing field 'num_transformer_layers'")
+        n = _whole("num_transformer_layers", d["num_transformer_layers"])
+        if not 1 <= n <= MAX_LAYERS:
+            raise ValueError(f"num_transformer_layers must be between 1 and {MAX_LAYERS}, got {n}")
         q_heads, kv_heads = d.get("num_query_heads"), d.get("num_kv_heads")
         if isinstance(q_heads, (list, tuple)) and isinstance(kv_heads, (list, tuple)):
             kwargs["ffn_multipliers"] = _scaled(d.get("ffn_multipliers", 4.0), n, "ffn_multipliers", True)
@@ -236,6 +256,33 @@ class OpenELMConfig:
             total += (3 if self.ffn_with_glu else 2) * inter * D  # proj_1 (+gate), proj_2
             total += 2 * D + (2 * hd if self.normalize_qk_projections else 0)
         return total
+
+
+def _whole(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be a whole number, got {v!r}")
+    return v
+
+
+def _check_types(cfg: OpenELMConfig) -> None:
+    """Every field has the type it declares: `model_dim: 192.0` or `ffn_with_glu: "false"` are refused."""
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        v, kind = getattr(cfg, f.name), str(f.type)
+        if kind == "int":
+            _whole(f.name, v)
+        elif kind == "bool" and not isinstance(v, bool):
+            raise ValueError(f"{f.name} must be true or false, got {v!r}")
+        elif kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
+            raise ValueError(f"{f.name} must be a number, got {v!r}")
+        elif kind.startswith("tuple[int"):
+            for x in v:
+                _whole(f.name, x)
+        elif kind.startswith("tuple[float") and not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v
+        ):
+            raise ValueError(f"{f.name} must be numbers, got {list(v)!r}")
 
 
 def preset_names() -> list[str]:

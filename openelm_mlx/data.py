@@ -15,12 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError
+
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the file (and line)."""
 
 
 def data_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -96,9 +94,9 @@ def tokenize_to_file(
     uint16 when the vocabulary fits, else uint32; written to a temporary file, then renamed.
     """
     files = data_files(paths)
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-    out = Path(cache_dir) / f"tokens-{_fingerprint(files, tokenizer_file)}-{np.dtype(dtype).name}.bin"
-    if out.exists():
+    dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    out = Path(cache_dir) / f"tokens-{_fingerprint(files, tokenizer_file)}.bin"
+    if out.exists() and _token_meta(out) is not None:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
@@ -106,10 +104,23 @@ def tokenize_to_file(
         with open(tmp, "wb") as f:
             for doc in read_documents(files):
                 f.write(np.asarray([bos_id, *encode(doc), eos_id], dtype=dtype).tobytes())
+        meta = {"dtype": dtype.name, "tokens": tmp.stat().st_size // dtype.itemsize, "vocab_size": vocab_size}
+        out.with_suffix(".json").write_text(json.dumps(meta))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _token_meta(path: Path) -> dict | None:
+    """The token file's recorded dtype and length, or None when missing or not matching the file."""
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        dtype = np.dtype({"uint16": np.uint16, "uint32": np.uint32}[meta["dtype"]])
+        ok = isinstance(meta["tokens"], int) and meta["tokens"] * dtype.itemsize == path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {**meta, "dtype": dtype} if ok else None
 
 
 @dataclass
@@ -122,7 +133,10 @@ class TokenData:
     @classmethod
     def open(cls, path: Path, val_fraction: float, seq_len: int) -> TokenData:
         """Memory-map a token file written by `tokenize_to_file`."""
-        dtype = np.uint32 if path.stem.endswith("uint32") else np.uint16
+        meta = _token_meta(path)
+        if meta is None:
+            raise DataError(f"{path}: token file without valid metadata ({path.with_suffix('.json').name}); delete it")
+        dtype = meta["dtype"]
         return cls.from_tokens(np.memmap(path, dtype=dtype, mode="r"), val_fraction, seq_len, str(path))
 
     @classmethod

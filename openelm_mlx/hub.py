@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import HubError
+
 # What loading or converting a model needs; pytorch_model*.bin is fetched only when these hold no weights.
 MODEL_FILES = (
     "config.json",
@@ -15,10 +17,6 @@ MODEL_FILES = (
     "special_tokens_map.json",
     "tokenizer.json",
 )
-
-
-class HubError(OSError):
-    """A repo could not be fetched; the message says why and what to do."""
 
 
 def download(repo_id: str, patterns: Sequence[str] = MODEL_FILES, revision: str | None = None) -> Path:

@@ -16,8 +16,6 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 
 from .config import OpenELMConfig
 
-RMS_NORM_EPS = 1e-6
-
 
 class Attention(nn.Module):
     """Causal GQA attention with a fused qkv projection, split by heads as `[Q | K | V]`."""
@@ -32,8 +30,8 @@ class Attention(nn.Module):
         D = config.model_dim
         self.qkv_proj = nn.Linear(D, (self.n_heads + 2 * self.n_kv_heads) * head_dim, bias=False)
         if config.normalize_qk_projections:
-            self.q_norm = nn.RMSNorm(head_dim, eps=RMS_NORM_EPS)
-            self.k_norm = nn.RMSNorm(head_dim, eps=RMS_NORM_EPS)
+            self.q_norm = nn.RMSNorm(head_dim, eps=config.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.n_heads * head_dim, D, bias=False)
 
     def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
@@ -78,9 +76,9 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: OpenELMConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.model_dim, eps=RMS_NORM_EPS)
+        self.attn_norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
         self.attn = Attention(config, layer_idx)
-        self.ffn_norm = nn.RMSNorm(config.model_dim, eps=RMS_NORM_EPS)
+        self.ffn_norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
         self.ffn = FeedForward(config, layer_idx)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
@@ -95,7 +93,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.token_embeddings = nn.Embedding(config.vocab_size, config.model_dim)
         self.layers = [DecoderLayer(config, i) for i in range(config.num_transformer_layers)]
-        self.norm = nn.RMSNorm(config.model_dim, eps=RMS_NORM_EPS)
+        self.norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
 
     def __call__(self, tokens: mx.array, cache: list[Any] | None = None) -> mx.array:
         h = self.token_embeddings(tokens)

@@ -6,10 +6,10 @@ Also trains a SentencePiece tokenizer with OpenELM's special ids.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,12 +22,26 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import OpenELMConfig
 from .data import TokenData, read_documents, tokenize_to_file
+from .errors import DataError, OptionError, check_range
 from .io import parse_dtype, save
 from .model import Model
 from .tokenizer import Tokenizer
-from .train import Evaluate, OptimizerConfig, Trainer, enable_grad_checkpoint, lm_loss, make_optimizer
+from .train import (
+    Checkpointer,
+    Evaluate,
+    Logger,
+    OptimizerConfig,
+    Trainer,
+    checkpoints,
+    enable_grad_checkpoint,
+    lm_loss,
+    make_optimizer,
+    truncate_log,
+)
 
 CHECKPOINTS = "checkpoints"
+MIN_VOCAB = 260  # 256 byte pieces, unk, BOS, EOS and at least one merge
+log = logging.getLogger("openelm_mlx")
 
 
 def init_weights(model: Model, seed: int) -> None:
@@ -57,68 +71,138 @@ def train_tokenizer(
     """Train a SentencePiece BPE model (byte fallback; unk 0, BOS 1, EOS 2, no pad), written atomically."""
     import sentencepiece as spm
 
+    check_range("vocab_size", vocab_size, MIN_VOCAB, 1 << 20, integer=True)
     output = Path(output)
+    if output.is_dir():
+        raise OptionError("output", f"{output} is a folder; give the path of the .model file to write")
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tmp-") as tmp:
         corpus = Path(tmp) / "corpus.txt"
         with open(corpus, "w", encoding="utf-8") as f:
             for doc in read_documents(data):
                 f.writelines(line + "\n" for line in doc.splitlines() if line.strip())
-        spm.SentencePieceTrainer.train(
-            input=str(corpus),
-            model_prefix=str(Path(tmp) / "tok"),
-            vocab_size=vocab_size,
-            model_type="bpe",
-            byte_fallback=True,
-            split_digits=True,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            character_coverage=1.0,
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=False,
-            num_threads=1,  # deterministic: the same data gives the same tokenizer
-            allow_whitespace_only_pieces=True,
-            remove_extra_whitespaces=False,
-            normalization_rule_name="identity",
-            minloglevel=2,
-        )
+        try:
+            _train_sentencepiece(spm, corpus, Path(tmp) / "tok", vocab_size, max_sentences)
+        except RuntimeError as e:  # SentencePiece reports a vocabulary the corpus cannot fill this way
+            detail = str(e).strip().splitlines()[-1] if str(e).strip() else "training failed"
+            raise DataError(f"{', '.join(map(str, data))}: cannot train {vocab_size} pieces ({detail})") from None
         os.replace(Path(tmp) / "tok.model", output)
     return output
 
 
-@dataclass
+def _train_sentencepiece(spm: Any, corpus: Path, prefix: Path, vocab_size: int, max_sentences: int) -> None:
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=False,
+        num_threads=1,  # deterministic: the same data gives the same tokenizer
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
-    """Settings of a pretraining run (CoreNet's defaults, sized down by the caller)."""
+    """Settings of a pretraining run (CoreNet's recipe, sized down by the caller); checked when built.
+
+    Each field with help is also a `pretrain` CLI option, with this default.
+    """
 
     data: list[str]
     tokenizer: str
     out: str
-    steps: int = 1000
-    batch_size: int = 8
-    seq_len: int = 512
-    grad_accum: int = 1
-    lr: float = 5.3e-3
-    min_lr: float | None = None
-    warmup: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    z_loss: float = 1e-4
-    dtype: str = "float32"
-    grad_checkpoint: bool = False
-    eval_every: int = 100
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    val_fraction: float = 0.02
-    seed: int = 0
-    resume: bool = False
-    arch: dict[str, Any] = field(default_factory=dict)
+    steps: int = _opt(1000, "Optimizer steps.")
+    batch_size: int = _opt(8, "Sequences per micro-batch per process.")
+    seq_len: int = _opt(512, "Tokens per sequence (at most the model's max_context_length).")
+    grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
+    lr: float = _opt(5.3e-3, "Peak learning rate (CoreNet 270M: 5.3e-3).")
+    min_lr: float | None = _opt(None, "Final cosine learning rate (default lr/10).")
+    warmup: int = _opt(100, "Linear warmup steps from 1e-6.")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (not on norms).")
+    grad_clip: float = _opt(1.0, "Gradient-norm clip (0: off).")
+    z_loss: float = _opt(1e-4, "z-loss weight on logsumexp^2.")
+    dtype: str = _opt("float32", "Compute dtype: float32 or bfloat16 (float32 master weights).")
+    grad_checkpoint: bool = _opt(False, "Recompute activations to save memory.")
+    eval_every: int = _opt(100, "Held-out loss every N steps (0: never).")
+    save_every: int = _opt(500, "Checkpoint every N steps (0: never).")
+    keep_checkpoints: int = _opt(2, "How many of the newest checkpoints to keep.")
+    val_fraction: float = _opt(0.02, "Fraction of tokens held out (0: no held-out loss).")
+    seed: int = _opt(0, "Seed for initialisation and data order.")
+    resume: bool = _opt(False, "Continue from the latest checkpoint in --out.")
+    overwrite: bool = _opt(
+        False, "Start afresh in an --out that holds an earlier run (its log, checkpoints and model go)."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        for name in ("warmup", "eval_every", "save_every", "seed"):
+            check_range(name, getattr(self, name), 0, integer=True)
+        check_range("lr", self.lr, 0, 10, low_open=True)
+        check_range("min_lr", self.min_lr, 0, self.lr)
+        check_range("weight_decay", self.weight_decay, 0, 10)
+        check_range("grad_clip", self.grad_clip, 0)
+        check_range("z_loss", self.z_loss, 0, 1)
+        check_range("val_fraction", self.val_fraction, 0, 0.5)
+        if self.dtype not in ("float32", "bfloat16"):
+            raise OptionError(
+                "dtype", f"must be float32 or bfloat16 (float16 overflows in training), got {self.dtype!r}"
+            )
+        if self.resume and self.overwrite:
+            raise OptionError("resume", "and overwrite cannot both be given")
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / CHECKPOINTS).glob("step_*"))
-    return found[-1] if found else None
+RUN_FILES = ("log.jsonl", "train_config.json", CHECKPOINTS)
+
+
+def prepare_run_folder(out: Path, run: PretrainConfig) -> Path | None:
+    """Apply the run-folder rules; return the checkpoint to resume from, if any.
+
+    A folder holding an earlier run is refused unless `resume` (continue it) or `overwrite` (its run
+    files go; anything else in the folder stays). Temporaries of a killed checkpoint write are removed.
+
+    Raises:
+        OptionError: a used folder without resume/overwrite, or resume with no checkpoint.
+    """
+    used = [name for name in (*RUN_FILES, "config.json") if (out / name).exists()]
+    stale = list((out / CHECKPOINTS).glob(".step_*.tmp-*"))
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if stale:
+        log.warning("%s: removed %d unfinished checkpoint(s) of an interrupted run", out / CHECKPOINTS, len(stale))
+    if run.resume:
+        found = checkpoints(out / CHECKPOINTS)
+        if not found:
+            raise OptionError("resume", f"found no checkpoint in {out / CHECKPOINTS} to continue from")
+        return found[-1]
+    if used and not run.overwrite:
+        raise OptionError(
+            "out",
+            f"{out} holds an earlier run ({', '.join(used)}): resume it, or overwrite it to start afresh",
+        )
+    for name in RUN_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    return None
 
 
 def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) -> dict[str, float]:
@@ -131,9 +215,17 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     out = Path(run.out)
+    if run.seq_len > config.max_context_length:
+        raise OptionError(
+            "seq_len", f"{run.seq_len} is more than the model's max_context_length {config.max_context_length}"
+        )
     tokenizer = Tokenizer(run.tokenizer)
     if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model vocab_size is {config.vocab_size}")
+        raise OptionError(
+            "tokenizer",
+            f"{run.tokenizer} has {tokenizer.vocab_size} pieces but the model's vocab_size is {config.vocab_size}",
+        )
+    ckpt = prepare_run_folder(out, run) if rank == 0 else None
     data = _prepare_data(run, tokenizer, out, rank, world, group)
 
     model = Model(config)
@@ -150,12 +242,15 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
         compute_dtype=None if compute_dtype == mx.float32 else compute_dtype,
         grad_clip=run.grad_clip,
         group=group if world > 1 else None,
+        eval_loss_fn=lm_loss,
     )
-    start = 0
-    if run.resume and (ckpt := latest_checkpoint(out)) is not None:
-        start = trainer.load_checkpoint(ckpt)["step"]
-    elif rank == 0 and (out / "log.jsonl").exists():
-        (out / "log.jsonl").unlink()
+    if world > 1:  # every rank resumes from the checkpoint rank 0 chose
+        ckpt = ckpt or (checkpoints(out / CHECKPOINTS)[-1] if run.resume else None)
+    start = trainer.load_checkpoint(ckpt)["step"] if ckpt is not None else 0
+    if start >= run.steps:
+        raise OptionError("steps", f"{run.steps} is not past the checkpoint's step {start}; nothing to do")
+    if rank == 0:
+        truncate_log(out / "log.jsonl", start)
 
     def batches(step: int) -> list[tuple[mx.array, ...]]:
         return [
@@ -165,16 +260,26 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
             for i in range(run.grad_accum)
         ]
 
-    log = _Logger(out, enabled=rank == 0, progress=progress, total=run.steps, start=start)
+    logger = Logger(out / "log.jsonl", run.steps, start, enabled=rank == 0, progress=progress)
+    val = data.val_batches(run.batch_size, run.seq_len) if run.val_fraction > 0 else []
     callbacks = [
-        Evaluate(data.val_batches(run.batch_size, run.seq_len), run.eval_every, run.steps),
-        log,
-        _Checkpointer(out, run, enabled=rank == 0),
+        Evaluate(val, run.eval_every, run.steps),
+        logger,
+        Checkpointer(
+            out / CHECKPOINTS,
+            run.save_every,
+            run.steps,
+            run.keep_checkpoints,
+            lambda step: {"step": step, "seed": run.seed},
+            enabled=rank == 0,
+        ),
     ]
     metrics = trainer.fit(batches, run.steps, start, callbacks)
-    log.close()
+    logger.close()
+    if not all(math.isfinite(v) for k, v in metrics.items() if k in ("loss", "grad_norm")):
+        raise OptionError("lr", f"training diverged (loss {metrics['loss']}); the model was not saved: lower --lr")
     if rank == 0:
-        save(model, out, tokenizer=tokenizer, config_extra={"torch_dtype": "float32"})
+        save(model, out, tokenizer=tokenizer, config_extra={"torch_dtype": "float32"}, force=True)
         (out / "train_config.json").write_text(json.dumps(asdict(run), indent=2))
     return metrics
 
@@ -197,60 +302,3 @@ def _prepare_data(run: PretrainConfig, tokenizer: Tokenizer, out: Path, rank: in
     if rank != 0:
         path = tokenize_to_file(*args)  # finds the cached file
     return TokenData.open(path, run.val_fraction, run.seq_len)
-
-
-class _Checkpointer:
-    """Every `save_every` steps (not the last: the final model is saved anyway), rank 0 writes a
-    checkpoint and keeps the newest `keep_checkpoints`."""
-
-    def __init__(self, out: Path, run: PretrainConfig, enabled: bool):
-        self.out, self.run, self.enabled = out, run, enabled
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        step, every = int(metrics["step"]), self.run.save_every
-        if not (self.enabled and every and step % every == 0 and step < self.run.steps):
-            return
-        trainer.save_checkpoint(self.out / CHECKPOINTS / f"step_{step:08d}", {"step": step, "seed": self.run.seed})
-        for old in sorted((self.out / CHECKPOINTS).glob("step_*"))[: -self.run.keep_checkpoints]:
-            shutil.rmtree(old)
-
-
-class _Logger:
-    """One JSON line per step in `out/log.jsonl`, and a progress bar on stderr (rank 0 only)."""
-
-    def __init__(self, out: Path, enabled: bool, progress: bool, total: int, start: int):
-        self.enabled = enabled
-        self.file = None
-        self.bar = None
-        if not enabled:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        self.file = open(out / "log.jsonl", "a")
-        if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(
-            json.dumps({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}) + "\n"
-        )
-        self.file.flush()
-        if self.bar is not None:
-            post = {
-                "loss": f"{metrics['loss']:.3f}",
-                "tok/s": f"{metrics['tokens_per_sec']:.0f}",
-                "mem": f"{metrics['peak_memory_gb']:.2f}GB",
-            }
-            if "val_loss" in metrics:
-                post["val"] = f"{metrics['val_loss']:.3f}"
-            self.bar.set_postfix(post, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.bar is not None:
-            self.bar.close()

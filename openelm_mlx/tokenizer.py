@@ -14,6 +14,9 @@ from typing import Any
 
 import sentencepiece as spm
 
+from .errors import CheckpointError, OptionError, TokenizerNotFoundError
+from .fs import require_regular_file
+
 TOKENIZER_FILE = "tokenizer.model"
 LLAMA_TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
 EOS_TEXT = "</s>"
@@ -28,8 +31,11 @@ CHAT_ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
 
 
-class TokenizerNotFoundError(FileNotFoundError):
-    """No tokenizer.model next to the model and none given."""
+def uses_chat_template(folder: Path | None, name: str = "") -> bool:
+    """The Instruct decision: recorded in the folder (tokenizer_config.json's chat_template) or,
+    failing a record, the model's name says "Instruct"."""
+    recorded = _recorded_chat_template(folder) if folder is not None else None
+    return recorded if recorded is not None else "instruct" in name.lower()
 
 
 def render_chat(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
@@ -37,7 +43,9 @@ def render_chat(messages: Sequence[Message], add_generation_prompt: bool = True)
     parts = []
     for i, m in enumerate(messages):
         if m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i}: needs 'role' in {CHAT_ROLES} and a string 'content', got {m!r}")
+            raise OptionError(
+                "messages", f"message {i} needs 'role' in {CHAT_ROLES} and a string 'content', got {m!r:.80}"
+            )
         parts.append(f"<|{m['role']}|>\n{m['content']}{EOS_TEXT}\n")
     if add_generation_prompt:
         parts.append("<|assistant|>\n")
@@ -91,10 +99,13 @@ class Tokenizer:
 
     def __init__(self, model_file: str | Path, chat_template: bool = False):
         self.model_file = Path(model_file)
+        require_regular_file(self.model_file)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"{self.model_file}: not a SentencePiece model ({e})") from None
+        except (OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{self.model_file}: not a SentencePiece model ({str(e)[:100]})") from None
+        if self.sp.bos_id() < 0 or self.sp.eos_id() < 0:
+            raise CheckpointError(f"{self.model_file}: has no BOS or EOS piece (OpenELM needs both)")
         self.chat_template = chat_template
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.vocab_size = self.sp.get_piece_size()
@@ -111,9 +122,13 @@ class Tokenizer:
         self, messages: Sequence[Message], add_generation_prompt: bool = True, add_bos: bool = True
     ) -> list[int]:
         """Ids of the Instruct prompt: every `</s>` becomes the EOS id, never the text."""
-        chunks = render_chat(messages, add_generation_prompt).split(EOS_TEXT)
-        ids = [self.bos_id] if add_bos else []
-        for i, chunk in enumerate(chunks):
+        ids = self.encode_chat_text(render_chat(messages, add_generation_prompt))
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_chat_text(self, text: str) -> list[int]:
+        """Ids of rendered template text (no BOS): each `</s>` is the EOS id, the rest is encoded as text."""
+        ids: list[int] = []
+        for i, chunk in enumerate(text.split(EOS_TEXT)):
             if i:
                 ids.append(self.eos_id)
             if chunk:
@@ -144,19 +159,18 @@ class Tokenizer:
 
 
 def find_tokenizer(
-    model_dir: Path, tokenizer: str | Path | None = None, chat_template: bool | None = None
+    model_dir: Path, tokenizer: str | Path | None = None, chat_template: bool | None = None, name: str = ""
 ) -> Tokenizer:
     """The tokenizer for a model folder: `tokenizer` (a file, folder or Hub repo) or the folder's own.
 
-    `chat_template=None` uses the Instruct template when the folder records one
-    (tokenizer_config.json) or its name says "Instruct".
+    `chat_template=None` decides with `uses_chat_template(model_dir, name or model_dir.name)`.
 
     Raises:
         TokenizerNotFoundError: with the exact ways to supply one.
     """
     model_dir = Path(model_dir)
     if chat_template is None:
-        chat_template = _records_chat_template(model_dir) or "instruct" in model_dir.name.lower()
+        chat_template = uses_chat_template(model_dir, name or model_dir.name)
     if tokenizer is None:
         path = model_dir / TOKENIZER_FILE
         if not path.is_file():
@@ -176,14 +190,16 @@ def find_tokenizer(
     return Tokenizer(path, chat_template)
 
 
-def _records_chat_template(model_dir: Path) -> bool:
+def _recorded_chat_template(model_dir: Path) -> bool | None:
+    """True/False when the folder's tokenizer_config.json says, None when there is no readable record."""
     cfg = model_dir / "tokenizer_config.json"
     if not cfg.is_file():
-        return False
+        return None
     try:
-        return bool(json.loads(cfg.read_text()).get("chat_template"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        data = json.loads(cfg.read_text())
+    except (ValueError, RecursionError, OSError):
+        return None
+    return bool(data.get("chat_template")) if isinstance(data, dict) else None
 
 
 def _download_tokenizer(repo_id: str) -> Path:

@@ -7,7 +7,9 @@ data parallelism through `mx.distributed`, and atomic, exactly-resumable checkpo
 from __future__ import annotations
 
 import json
+import math
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +22,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .io import atomic_output_dir
+from .errors import CheckpointError
+from .fs import atomic_output_dir, require_regular_file
+from .weights import load_safetensors
 
 Batch = tuple[mx.array, ...]
 LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (loss, n_tokens)
@@ -105,7 +109,7 @@ def peak_memory_gb() -> float:
 
 @dataclass
 class Evaluate:
-    """Adds `val_loss` over fixed `batches` every `every` steps and at `last_step`."""
+    """Adds `val_loss` (the trainer's evaluation loss over fixed `batches`) every `every` steps and at `last_step`."""
 
     batches: Sequence[Batch]
     every: int
@@ -113,8 +117,92 @@ class Evaluate:
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         step = int(metrics["step"])
-        if self.every and (step % self.every == 0 or step == self.last_step):
+        if self.batches and self.every and (step % self.every == 0 or step == self.last_step):
             metrics["val_loss"] = trainer.evaluate(self.batches)
+
+
+class Logger:
+    """One JSON line per step in `path` and a progress bar on stderr (loss, tokens/s, peak memory)."""
+
+    def __init__(self, path: Path, total: int, start: int = 0, enabled: bool = True, progress: bool = True):
+        self.enabled, self.file, self.bar = enabled, None, None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a")
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        finite = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+        self.file.write(json.dumps(finite) + "\n")
+        self.file.flush()
+        if self.bar is not None:
+            post = {
+                "loss": f"{metrics['loss']:.3f}",
+                "tok/s": f"{metrics['tokens_per_sec']:.0f}",
+                "mem": f"{metrics['peak_memory_gb']:.2f}GB",
+            }
+            if "val_loss" in metrics:
+                post["val"] = f"{metrics['val_loss']:.3f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines after `step` (a resumed run replays them), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+
+
+class Checkpointer:
+    """Every `every` steps before `last_step`, writes `folder/step_NNNNNNNN` with the trainer's state and
+    `state_fn(step)`, keeping the newest `keep` (only when `enabled`, i.e. on rank 0)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        every: int,
+        last_step: int,
+        keep: int = 2,
+        state_fn: Callable[[int], dict[str, Any]] = lambda step: {"step": step},
+        enabled: bool = True,
+    ):
+        self.folder, self.every, self.last_step, self.keep = folder, every, last_step, keep
+        self.state_fn, self.enabled = state_fn, enabled
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        step = int(metrics["step"])
+        if not (self.enabled and self.every and step % self.every == 0 and step < self.last_step):
+            return
+        trainer.save_checkpoint(self.folder / f"step_{step:08d}", self.state_fn(step))
+        for old in checkpoints(self.folder)[: -self.keep]:
+            shutil.rmtree(old)
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in `folder`, oldest first."""
+    return sorted(p for p in folder.glob("step_*") if p.is_dir() and (p / "state.json").is_file())
 
 
 @dataclass
@@ -128,6 +216,7 @@ class Trainer:
         compute_dtype: e.g. mx.bfloat16 for mixed precision; None computes in the weights' dtype.
         grad_clip: global gradient-norm clip (0 disables).
         group: an `mx.distributed` group; gradients and losses are averaged over it.
+        eval_loss_fn: the loss `evaluate` reports (default: `loss_fn`), e.g. without z-loss.
     """
 
     model: nn.Module
@@ -137,6 +226,7 @@ class Trainer:
     grad_clip: float = 1.0
     group: Any = None
     compile: bool = True
+    eval_loss_fn: LossFn | None = None
 
     def __post_init__(self) -> None:
         self.world = self.group.size() if self.group is not None else 1
@@ -194,13 +284,14 @@ class Trainer:
     def step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
         """One optimizer step over `micro_batches` (gradient accumulation); returns metrics."""
         tic = time.perf_counter()
-        total, grads, tokens = mx.array(0.0), None, 0
+        total, grads, tokens = mx.array(0.0), None, mx.array(0)
         for batch in micro_batches:
             loss, n_tokens, g = self._micro(*batch)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total = total + loss
-            tokens += batch[0].size
-            mx.eval(total, grads)
+            tokens = tokens + n_tokens  # real (unmasked) tokens
+            mx.eval(total, grads, tokens)
+        tokens = int(tokens.item())
         k = len(micro_batches)
         if k > 1:
             grads = tree_map(lambda g: g / k, grads)
@@ -221,15 +312,19 @@ class Trainer:
         }
 
     def evaluate(self, batches: Sequence[Batch]) -> float:
-        """Mean loss over `batches` in the compute dtype, without z-loss or gradients."""
+        """Mean of the evaluation loss over `batches`, weighted by their token counts, in the compute dtype."""
         if not batches:
             return float("nan")
+        loss_fn = self.eval_loss_fn or self.loss_fn
         master = self.model.trainable_parameters()
         if self.compute_dtype is not None:
             self.model.update(tree_map(lambda p: p.astype(self.compute_dtype), master))
-        losses = [lm_loss(self.model, *map(mx.array, b))[0].item() for b in batches]
+        total, count = 0.0, 0
+        for b in batches:
+            loss, n = loss_fn(self.model, *map(mx.array, b))
+            total, count = total + loss.item() * n.item(), count + n.item()
         self.model.update(master)
-        return sum(losses) / len(losses)
+        return total / max(count, 1)
 
     @property
     def learning_rate(self) -> float:
@@ -247,10 +342,32 @@ class Trainer:
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
-        """Restore what `save_checkpoint` wrote; returns its `state`."""
-        self.model.load_weights(str(folder / "model.safetensors"))
-        opt_state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-        self.optimizer.state = opt_state
+        """Restore what `save_checkpoint` wrote; returns its `state`.
+
+        Raises:
+            CheckpointError: naming the file, when the checkpoint is incomplete, corrupt or does not fit.
+        """
+        state_file = folder / "state.json"
+        try:
+            state = json.loads(require_regular_file(state_file).read_text())
+        except (ValueError, OSError, RecursionError) as e:
+            raise CheckpointError(f"{state_file}: unreadable ({str(e)[:80]})") from None
+        step = state.get("step") if isinstance(state, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise CheckpointError(f'{state_file}: "step" must be a non-negative integer')
+        weights = load_safetensors(folder / "model.safetensors")
+        opt_flat = load_safetensors(folder / "optimizer.safetensors")
+        expected = dict(tree_flatten(self.model.parameters()))
+        for name, value in weights.items():
+            if name not in expected or value.shape != expected[name].shape:
+                raise CheckpointError(f"{folder / 'model.safetensors'}: tensor {name!r} does not fit this model")
+        if set(weights) != set(expected):
+            raise CheckpointError(f"{folder / 'model.safetensors'}: does not hold every tensor of this model")
+        current = dict(tree_flatten(self.optimizer.state))
+        if set(opt_flat) != set(current) or any(opt_flat[k].shape != current[k].shape for k in current):
+            raise CheckpointError(f"{folder / 'optimizer.safetensors'}: optimizer state does not fit this run")
+        self.model.load_weights(list(weights.items()))
+        self.optimizer.state = tree_unflatten(list(opt_flat.items()))
         self._build()  # the compiled steps captured the previous state objects
         mx.eval(self.model.parameters(), self.optimizer.state)
-        return json.loads((folder / "state.json").read_text())
+        return state

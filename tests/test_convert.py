@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from checkpoints import corenet_state, hf_folder, write_malicious_zip, write_safetensors, write_torch_zip
 from conftest import numpy_weights, random_model, reference_config
-from openelm_mlx.convert.convert import convert, export
+from openelm_mlx.convert import convert, export
 from openelm_mlx.convert.tables import CORENET_TABLE, HF_TABLE, invert, map_state_dict
 from openelm_mlx.convert.torch_zip import UnsafeCheckpointError, load_torch_zip
 from reference import reference_logits, rel_error
@@ -272,7 +272,7 @@ def test_missing_embedding_and_bad_quantization_settings_fail_before_writing(sou
 
 
 def test_corenet_training_yaml_names_the_architecture(tmp_path):
-    from openelm_mlx.io import read_arch_config
+    from openelm_mlx.arch import read_arch_config
 
     (tmp_path / "openelm_270M.yaml").write_text(
         "_anchor_vocab_size: &_anchor_vocab_size 32128\n"

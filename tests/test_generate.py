@@ -11,7 +11,8 @@ from openelm_mlx import load, save
 from openelm_mlx.chat import ChatSession
 from openelm_mlx.cli import app
 from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.generate import _StopStrings, chat_turn_ids, generate, generate_tokens, stream_generate
+from openelm_mlx.chat import chat_turn_ids
+from openelm_mlx.generate import _StopStrings, generate, generate_tokens, stream_generate
 from openelm_mlx.tokenizer import Tokenizer, render_chat
 
 TINY = dict(vocab_size=32000, model_dim=64, head_dim=32, max_context_length=1024)

@@ -128,7 +128,7 @@ def test_models_written_by_mlx_lm_load_here(tmp_path, llama_tokenizer_path):
     """mlx-lm's own `convert` (quantized) of an Apple-format folder loads with our loader, same logits."""
     from conftest import random_model
     from mlx_lm import convert as mlx_lm_convert
-    from openelm_mlx.convert.convert import export
+    from openelm_mlx.convert import export
 
     from openelm_mlx.config import OpenELMConfig
     from openelm_mlx.tokenizer import Tokenizer

@@ -18,28 +18,19 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from openelm_mlx.arch import resolve_arch
 from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.errors import CheckpointError, ConfigError, OptionError
+from openelm_mlx.fs import atomic_output_dir, require_regular_file
 from openelm_mlx.hub import download
-from openelm_mlx.io import (
-    MAX_SHARD_BYTES,
-    CheckpointError,
-    atomic_output_dir,
-    check_weights,
-    load_model,
-    model_config_dict,
-    parse_dtype,
-    read_config,
-    read_json,
-    resolve_arch,
-    write_shards,
-    write_weights,
-)
+from openelm_mlx.io import check_tokenizer, dtype_name, load_model, model_config_dict, parse_dtype, read_config
 from openelm_mlx.model import Model
-from openelm_mlx.quantize import bits_per_weight, check_settings, quantize_model
-from openelm_mlx.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerNotFoundError, find_tokenizer
+from openelm_mlx.quantize import QuantRecipe, bits_per_weight, quantize_model
+from openelm_mlx.tokenizer import TOKENIZER_FILE, Tokenizer, find_tokenizer, uses_chat_template
+from openelm_mlx.weights import INDEX_FILE, MAX_SHARD_BYTES, check_weights, read_index, write_shards, write_weights
 
 from .tables import HF_TABLE, TABLES, detect_format, invert, map_state_dict
-from .tensors import LazyTensor, open_safetensors, read_index
+from .tensors import LazyTensor, open_safetensors
 from .torch_zip import load_torch_zip
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
@@ -78,22 +69,39 @@ def _torch_state(path: Path) -> dict[str, LazyTensor]:
     if isinstance(obj, dict) and "model_state_dict" in obj:  # CoreNet training_checkpoint_*.pt
         obj = obj["model_state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     for name, value in obj.items():
-        if not isinstance(value, LazyTensor):
-            raise ValueError(f"{path}: entry {name!r} is not a tensor")
+        if not isinstance(name, str) or not isinstance(value, LazyTensor):
+            raise CheckpointError(f"{path}: entry {name!r:.80} is not a named tensor")
     return dict(obj)
 
 
 def _read_file(path: Path) -> dict[str, LazyTensor]:
+    require_regular_file(path)
     if path.name.endswith(".index.json"):
+        shards = read_index(path)
         state: dict[str, LazyTensor] = {}
-        for shard in read_index(path):
-            state.update(_read_file(shard))
+        for shard in sorted(set(shards.values())):
+            for name, tensor in _read_file(shard).items():
+                if name in state:
+                    raise CheckpointError(f"{shard}: tensor {name!r} is also in {state[name].source}")
+                if shards.get(name) != shard and name in shards:
+                    raise CheckpointError(
+                        f"{shard}: holds tensor {name!r}, which {path.name} places in {shards[name].name}"
+                    )
+                state[name] = tensor
+        missing = sorted(set(shards) - set(state))
+        if missing:
+            raise CheckpointError(f"{path}: lists tensor {missing[0]!r}, which {shards[missing[0]].name} lacks")
         return state
     if path.suffix == ".safetensors":
         return open_safetensors(path)
-    return _torch_state(path)
+    try:
+        return _torch_state(path)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # the torch-zip reader names the file and entry
+        raise CheckpointError(str(e)) from None
 
 
 def open_source(src: str | Path) -> Source:
@@ -104,12 +112,7 @@ def open_source(src: str | Path) -> Source:
         if not any(path.glob("*.safetensors")):
             path = download(str(src), HF_BIN_FILES)
     if path.is_dir():
-        candidates = [
-            "model.safetensors.index.json",
-            "model.safetensors",
-            "pytorch_model.bin.index.json",
-            "pytorch_model.bin",
-        ]
+        candidates = [INDEX_FILE, "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"]
         found = [path / c for c in candidates if (path / c).exists()] or sorted(path.glob("model*.safetensors"))
         if not found:
             raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or shard index found")
@@ -148,11 +151,14 @@ def write_streaming(
 
 def _choose_dtype(requested: str | None, tensors: dict[str, LazyTensor], config: OpenELMConfig, force: bool) -> str:
     dtype = requested or tensors["transformer.token_embeddings.weight"].dtype
+    if requested is None and dtype not in ("float32", "float16", "bfloat16"):
+        dtype = "float32"  # e.g. a float64 source
     parse_dtype(dtype)
     if dtype == "float16" and config.is_3b_shaped and not force:
-        raise ValueError(
+        raise OptionError(
+            "dtype",
             "float16 overflows in 3B-shaped OpenELMs (activations reach the hundreds of thousands); "
-            "use --dtype bfloat16, or pass --force to convert anyway"
+            "use bfloat16, or force the conversion",
         )
     return dtype
 
@@ -166,10 +172,7 @@ def _tokenizer_for(source: Source, tokenizer: str | None, chat: bool, log: Calla
             "or later by copying a tokenizer.model into the output folder."
         )
         return None
-    try:
-        return find_tokenizer(source.folder or Path("."), tokenizer, chat)
-    except TokenizerNotFoundError as e:
-        raise ValueError(str(e)) from None
+    return find_tokenizer(source.folder or Path("."), tokenizer, chat)
 
 
 def _choose_vocab(
@@ -185,6 +188,12 @@ def _choose_vocab(
         raise CheckpointError(f"{', '.join(sources)}: missing tensor 'transformer.token_embeddings.weight'")
     rows = tensors["transformer.token_embeddings.weight"].shape[0]
     if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size <= rows:
+            raise OptionError(
+                "vocab_size", f"must be between 1 and the checkpoint's {rows} embedding rows, got {vocab_size}"
+            )
+        if tok is not None and tok.vocab_size > vocab_size:
+            raise OptionError("vocab_size", f"{vocab_size} is smaller than the tokenizer's {tok.vocab_size} pieces")
         return vocab_size
     if tok is not None and rows > tok.vocab_size:
         return tok.vocab_size
@@ -216,33 +225,32 @@ def convert(
     """Convert a Hugging Face or CoreNet checkpoint into an MLX model folder.
 
     `chat_template=None` records the Instruct template when the source or `arch` is named "Instruct".
+    `force` allows float16 for 3B-shaped models and writing into a folder we did not create (only
+    the files we write are replaced there).
 
     Raises:
-        CheckpointError / ValueError / HubError: naming the file and tensor; nothing is written.
+        CheckpointError / OptionError / HubError: naming the file and tensor; nothing is written.
     """
     tic = time.perf_counter()
-    if quantize:
-        check_settings(q_bits, q_group_size)
+    recipe = QuantRecipe(q_bits, q_group_size) if quantize else None
     source = open_source(src)
     config = _source_config(source, arch, arch_config)
     tensors = map_state_dict(source.tensors, TABLES[source.format], source.label)
-    chat = (
-        chat_template
-        if chat_template is not None
-        else ("instruct" in str(src).lower() or "instruct" in str(arch or "").lower())
-    )
+    chat = chat_template if chat_template is not None else uses_chat_template(None, f"{src} {arch or ''}")
     tok = _tokenizer_for(source, tokenizer, chat, log)
     vocab = _choose_vocab(tensors, config, vocab_size, tok, log)
     config = dataclasses.replace(config, vocab_size=vocab)
     tensors = _resize_vocab(tensors, vocab)
+    if tok is not None:
+        check_tokenizer(tok, config)
     check_weights(Model(config), tensors, {n: Path(t.source) for n, t in tensors.items()})
     out_dtype = _choose_dtype(dtype, tensors, config, force)
     report = Report(Path(dst), len(tensors), 0, 0.0, out_dtype, tokenizer=str(tok.model_file) if tok else None)
-    with atomic_output_dir(dst, stale=("model*.safetensors", "model.safetensors.index.json")) as tmp:
+    with atomic_output_dir(dst, force=force) as tmp:
         write_streaming(tmp, tensors, parse_dtype(out_dtype), max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": out_dtype}, indent=2))
-        if quantize:
-            _quantize_in_place(tmp, q_bits, q_group_size, max_shard_bytes, report)
+        if recipe is not None:
+            _quantize_in_place(tmp, recipe, max_shard_bytes, report)
         if tok is not None:
             tok.save(tmp)
             for name in HF_TOKENIZER_FILES:  # the source's fast-tokenizer files, for transformers users
@@ -260,16 +268,16 @@ def _source_config(source: Source, arch: str | None, arch_config: str | Path | N
         return config
     if source.config is not None:
         return source.config
-    raise ValueError(
-        f"{source.label}: no config.json beside the checkpoint; name the architecture with "
-        "--arch (e.g. OpenELM-270M) or --arch-config FILE"
+    raise ConfigError(
+        f"{source.label}: no config.json beside the checkpoint; name the architecture (a released size such as "
+        "OpenELM-270M, or an architecture file)"
     )
 
 
-def _quantize_in_place(folder: Path, bits: int, group_size: int, max_shard_bytes: int, report: Report) -> None:
+def _quantize_in_place(folder: Path, recipe: QuantRecipe, max_shard_bytes: int, report: Report) -> None:
     """Replace the float model in `folder` by its quantized version (config.json records the settings)."""
     model = load_model(folder, lazy=True)
-    report.float_layers = quantize_model(model, bits, group_size)
+    report.float_layers = quantize_model(model, recipe=recipe)
     mx.eval(model.parameters())  # read everything before the float files go
     for f in folder.glob("model*.safetensors*"):
         f.unlink()
@@ -279,21 +287,27 @@ def _quantize_in_place(folder: Path, bits: int, group_size: int, max_shard_bytes
 
 
 def export(
-    src: str | Path, dst: str | Path, dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES
+    src: str | Path,
+    dst: str | Path,
+    dtype: str | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    force: bool = False,
 ) -> Report:
-    """Write an MLX model folder back as a Hugging Face folder in Apple's format (dequantizing if needed)."""
+    """Write an MLX model folder back as a Hugging Face folder in Apple's format (dequantizing if needed).
+
+    Names go through the inverse of the Hugging Face table, so export and import share one mapping.
+    """
     from mlx_lm.utils import dequantize_model
 
     tic = time.perf_counter()
     src = Path(src)
     model = load_model(src, lazy=True)
-    raw = read_json(src / "config.json")
-    if raw.get("quantization"):
+    if any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters())):
         model = dequantize_model(model)
     weights = dict(tree_flatten(model.parameters()))
-    out_dtype = dtype or str(model.transformer.norm.weight.dtype).removeprefix("mlx.core.")
-    cast, names = parse_dtype(out_dtype), invert(HF_TABLE)
-    hf = {names.get(k, k): v.astype(cast) for k, v in weights.items()}
+    out_dtype = dtype or dtype_name(model.transformer.norm.weight.dtype)
+    cast = parse_dtype(out_dtype)
+    hf = {k: v.astype(cast) for k, v in map_state_dict(weights, invert(HF_TABLE), str(src)).items()}
     config = {
         **model.config.to_dict(),
         "torch_dtype": out_dtype,
@@ -301,7 +315,7 @@ def export(
         "use_cache": True,
         "transformers_version": "4.39.3",
     }
-    with atomic_output_dir(dst, stale=("model*.safetensors", "model.safetensors.index.json")) as tmp:
+    with atomic_output_dir(dst, force=force) as tmp:
         write_weights(tmp, hf, max_shard_bytes, metadata={"format": "pt"})  # transformers wants "pt"
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name in (TOKENIZER_FILE, "tokenizer_config.json"):

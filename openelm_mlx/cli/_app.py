@@ -1,0 +1,112 @@
+"""The typer app every command registers on, the one place user errors become one line and exit 1,
+and options generated from the settings dataclasses (one place for defaults and help)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import logging
+import sys
+import typing
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import OpenELMError, OptionError
+
+app = typer.Typer(
+    help="Run, convert, quantize and pretrain Apple's OpenELM models with MLX.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def flag(option: str) -> str:
+    """`max_tokens` -> `--max-tokens`."""
+    return "--" + option.replace("_", "-")
+
+
+def error_line(e: BaseException) -> str:
+    """The one line a user sees for an error they caused."""
+    if isinstance(e, OptionError):
+        return f"{flag(e.option) if e.option.isidentifier() else e.option}: {e.detail}"
+    if isinstance(e, OSError) and not isinstance(e, OpenELMError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{(e.strerror or str(e)).lower()}"
+    return str(e)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Errors a user can cause print one line on stderr and exit 1; bugs keep their traceback."""
+    logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
+    try:
+        yield
+    except (OpenELMError, OSError) as e:
+        typer.echo(f"error: {error_line(e)}", err=True)
+        raise typer.Exit(1) from None
+
+
+def read_stdin_text() -> str:
+    """All of stdin as text; bytes that are not UTF-8 become U+FFFD rather than an error."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "replace")
+    return data.decode("utf-8", errors="replace")
+
+
+def _option_type(hint: Any) -> Any:
+    """Typer-friendly type for a dataclass field: tuples of strings become repeatable options."""
+    if typing.get_origin(hint) is tuple:
+        return list[typing.get_args(hint)[0]] | None
+    return hint
+
+
+def settings_options(cls: type, defaults: dict[str, Any] | None = None, only: tuple[str, ...] | None = None):
+    """Decorator: add one CLI option per field of dataclass `cls` that has `metadata["help"]`.
+
+    The wrapped command receives them gathered as `settings: dict` (tuples restored); `defaults`
+    changes a default for this command only, and `only` keeps a subset of the fields.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if "help" in f.metadata and (only is None or f.name in only)]
+
+    def wrap(command: Callable[..., Any]) -> Callable[..., Any]:
+        resolved = typing.get_type_hints(command, include_extras=True)  # the command module's names
+        params = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=resolved[name])
+            for name, p in inspect.signature(command).parameters.items()
+            if name != "settings"
+        ]
+        for f in fields:
+            default = (defaults or {}).get(f.name, f.default)
+            hint = _option_type(hints[f.name])
+            if typing.get_origin(hints[f.name]) is tuple:
+                default = None
+            params.append(
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=default,
+                    annotation=Annotated[hint, typer.Option(help=f.metadata["help"])],
+                )
+            )
+        names = [f.name for f in fields]
+        tuples = {f.name for f in fields if typing.get_origin(hints[f.name]) is tuple}
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            settings = {n: kwargs.pop(n) for n in names}
+            for n in tuples:
+                settings[n] = tuple(settings[n] or ())
+            return command(settings=settings, **kwargs)
+
+        del wrapper.__wrapped__
+        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return wrap

@@ -1,0 +1,134 @@
+"""`generate` and `chat`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from ..generate import GenerationConfig
+from ._app import app, read_stdin_text, settings_options, user_errors
+
+ModelOpt = Annotated[str | None, typer.Option(help="MLX model folder or Hub repo id (default: the bundled demo).")]
+TokenizerOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="tokenizer.model path/folder or Hub repo (Apple's repos ship none: hf-internal-testing/llama-tokenizer)."
+    ),
+]
+SystemOpt = Annotated[str | None, typer.Option(help="System prompt (Instruct template).")]
+CHAT_SETTINGS = ("max_tokens", "temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_kv_size")
+
+
+def load_for_generation(model: str | None, tokenizer: str | None) -> tuple[Any, Any]:
+    """The model and tokenizer to generate with (the bundled demo when `model` is None)."""
+    from ..demo import DEMO_DIR, DEMO_NAME
+    from ..io import load
+
+    if model is None:
+        typer.echo(
+            f"Using the {DEMO_NAME}. For a real model: openelm-mlx convert apple/OpenELM-270M-Instruct "
+            "--tokenizer hf-internal-testing/llama-tokenizer -o OpenELM-270M-Instruct, then "
+            "--model OpenELM-270M-Instruct.",
+            err=True,
+        )
+        model = str(DEMO_DIR)
+    return load(model, tokenizer=tokenizer)
+
+
+def _print_stats(last: Any, drafted: int, draft: bool) -> None:
+    typer.echo(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s", err=True)
+    typer.echo(f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s", err=True)
+    if draft and last.generation_tokens:
+        share = 100 * drafted / last.generation_tokens
+        typer.echo(f"draft tokens accepted: {drafted}/{last.generation_tokens} ({share:.0f}%)", err=True)
+    typer.echo(f"peak memory: {last.peak_memory_gb:.3f} GB", err=True)
+
+
+@app.command()
+@settings_options(GenerationConfig)
+def generate(
+    prompt: Annotated[str, typer.Option(help="The prompt; '-' reads it from stdin.")],
+    settings: dict[str, Any],
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    system: SystemOpt = None,
+    chat: Annotated[
+        bool | None, typer.Option(help="Wrap the prompt in the Instruct template (default: when the model has one).")
+    ] = None,
+    draft_model: Annotated[
+        str | None,
+        typer.Option(help="Smaller model with the same vocabulary for speculative decoding (e.g. 270M for 3B)."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Print tokens/s and peak memory on stderr.")] = False,
+) -> None:
+    """Generate text; it streams to stdout (and nothing else goes there)."""
+    from ..generate import check_draft_model, stream_generate
+    from ..io import load
+
+    with user_errors():
+        config = GenerationConfig(**settings)
+        if prompt == "-":
+            prompt = read_stdin_text()
+        m, tok = load_for_generation(model, tokenizer)
+        draft = load(draft_model, tokenizer=tok.model_file)[0] if draft_model else None
+        if draft is not None:
+            check_draft_model(m, draft)
+        last, drafted = None, 0
+        for step in stream_generate(m, tok, prompt, config, system=system, chat=chat, draft_model=draft):
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+            drafted += step.from_draft
+            last = step
+        sys.stdout.write("\n")
+        if verbose and last is not None:
+            _print_stats(last, drafted, draft is not None)
+
+
+@app.command()
+@settings_options(GenerationConfig, defaults={"max_tokens": 512}, only=CHAT_SETTINGS)
+def chat(
+    settings: dict[str, Any],
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    system: SystemOpt = None,
+) -> None:
+    """Chat with an Instruct model; the KV cache is kept between turns. /reset forgets, /exit quits,
+    Ctrl-C stops the current answer."""
+    from ..chat import ChatSession
+
+    with user_errors():
+        config = GenerationConfig(**settings)
+        m, tok = load_for_generation(model, tokenizer)
+        session = ChatSession(m, tok, config, system=system)
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="replace")  # a stray non-UTF-8 byte is not worth a crash
+        typer.echo("Type a message; /reset forgets the conversation, /exit quits.", err=True)
+        while True:
+            try:
+                line = input(">>> ")
+            except (EOFError, KeyboardInterrupt):
+                typer.echo("", err=True)
+                return
+            command = line.strip()
+            if command == "/exit":
+                return
+            if command == "/reset":
+                session.reset()
+                typer.echo("(conversation reset)", err=True)
+                continue
+            if command:
+                _answer(session, line)
+
+
+def _answer(session: Any, line: str) -> None:
+    answer = session.send(line)
+    try:
+        for step in answer:
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        answer.close()  # the session trims its cache back to what was shown
+        sys.stdout.write(" [stopped]")
+    sys.stdout.write("\n")

@@ -1,0 +1,55 @@
+"""`train-tokenizer` and `pretrain`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..pretrain import PretrainConfig
+from ._app import app, settings_options, user_errors
+
+
+@app.command("train-tokenizer")
+def train_tokenizer_cmd(
+    data: Annotated[list[Path], typer.Option(help="Text files, folders, or JSONL with a 'text' field.")],
+    vocab_size: Annotated[
+        int, typer.Option(help="Number of pieces (at least 260: 256 bytes, unk, BOS, EOS, and one more).")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the .model file.")],
+) -> None:
+    """Train a SentencePiece BPE tokenizer (byte fallback; unk 0, BOS 1, EOS 2)."""
+    from ..pretrain import train_tokenizer
+    from ..tokenizer import Tokenizer
+
+    with user_errors():
+        path = train_tokenizer([str(d) for d in data], vocab_size, output)
+        typer.echo(f"wrote {path} ({Tokenizer(path).vocab_size} pieces)")
+
+
+@app.command()
+@settings_options(PretrainConfig)
+def pretrain(
+    data: Annotated[list[Path], typer.Option(help="Text files, folders, or JSONL with a 'text' field.")],
+    tokenizer: Annotated[Path, typer.Option(help="SentencePiece tokenizer.model (see train-tokenizer).")],
+    out: Annotated[Path, typer.Option(help="Run folder: log.jsonl, checkpoints/, and the final model.")],
+    settings: dict[str, Any],
+    arch: Annotated[str | None, typer.Option(help="A released size, e.g. OpenELM-270M.")] = None,
+    arch_config: Annotated[Path | None, typer.Option(help="JSON/YAML with CoreNet GPTConfig fields.")] = None,
+) -> None:
+    """Pretrain an OpenELM from scratch (CoreNet's recipe); run with `mlx.launch` for several processes."""
+    from ..arch import resolve_arch
+    from ..errors import OptionError
+    from ..pretrain import pretrain as run_pretraining
+
+    with user_errors():
+        config = resolve_arch(arch, arch_config)
+        if config is None:
+            raise OptionError("arch", "is needed: give --arch (e.g. OpenELM-270M) or --arch-config FILE")
+        run = PretrainConfig(data=[str(d) for d in data], tokenizer=str(tokenizer), out=str(out), **settings)
+        metrics = run_pretraining(config, run)
+        summary = f"step {metrics['step']}: loss {metrics.get('loss', float('nan')):.4f}"
+        if "val_loss" in metrics:
+            summary += f", held-out loss {metrics['val_loss']:.4f}"
+        typer.echo(f"{summary}; model saved in {out}", err=True)

@@ -1,0 +1,143 @@
+"""Output folders that appear whole or not at all, and never lose what the user keeps in them.
+
+A folder we write records the files it wrote in `OWNED_FILE`. Updating it builds the new folder
+beside it, swaps the two with renames, then carries over every entry we did not write. A run
+killed at any point is repaired (or its temporaries removed) the next time the same folder is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import CheckpointError
+
+OWNED_FILE = ".openelm-mlx-files.json"
+log = logging.getLogger("openelm_mlx")
+
+
+def require_regular_file(path: Path) -> Path:
+    """`path` if it is a regular file (symlinks followed); raise CheckpointError for FIFOs, devices, folders."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise CheckpointError(f"{path}: {e.strerror.lower() if e.strerror else 'cannot be read'}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise CheckpointError(f"{path}: {kind} (expected a file)")
+    return path
+
+
+def owned_files(folder: Path) -> set[str] | None:
+    """Names of the entries openelm-mlx wrote into `folder`, or None when it keeps no record."""
+    record = folder / OWNED_FILE
+    if not record.is_file():
+        return None
+    try:
+        names = json.loads(record.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and "/" not in n and n not in ("", ".", "..") for n in names
+    ):
+        return None
+    return set(names)
+
+
+def _siblings(dest: Path, kind: str) -> list[Path]:
+    return sorted(dest.parent.glob(f".{dest.name}.{kind}-*"))
+
+
+def recover(dest: Path) -> None:
+    """Finish or undo an update of `dest` that a killed process left halfway; remove its temporaries."""
+    for old in _siblings(dest, "old"):
+        if not dest.exists():
+            os.rename(old, dest)  # killed between the two renames: the previous output comes back whole
+            log.warning("%s: restored the previous output from an interrupted update", dest)
+            continue
+        _carry_over(old, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        log.warning("%s: finished an interrupted update", dest)
+    stale = _siblings(dest, "tmp")
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if stale:
+        log.warning("%s: removed %d temporary folder(s) left by an interrupted run", dest, len(stale))
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Move every entry of `old` that openelm-mlx did not write (and `new` lacks) into `new`."""
+    ours = owned_files(old) or set()
+    for entry in old.iterdir():
+        if entry.name not in ours and entry.name != OWNED_FILE and not (new / entry.name).exists():
+            os.rename(entry, new / entry.name)
+
+
+def check_writable(dest: Path, new_names: set[str], force: bool) -> None:
+    """Refuse to write into an existing folder that is not an earlier output of ours (unless `force`),
+    and, even with `force`, to replace an entry we did not write."""
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise CheckpointError(f"{dest}: exists and is not a folder")
+    ours = owned_files(dest)
+    entries = {e.name for e in dest.iterdir()}
+    if ours is None and entries and not force:
+        raise CheckpointError(
+            f"{dest}: folder exists and was not written by openelm-mlx; choose a new folder, or pass --force "
+            "(only files openelm-mlx writes are replaced, nothing else in the folder is touched)"
+        )
+    clash = sorted((entries & new_names) - (ours or set()))
+    if clash:
+        raise CheckpointError(
+            f"{dest}: holds {', '.join(clash)}, which openelm-mlx did not write; move it away or choose another folder"
+        )
+
+
+def _umask_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `dest`; on success it becomes `dest`.
+
+    A new `dest` appears whole with one rename. An existing `dest` must be an earlier output of ours
+    (or `force`); the new folder replaces it by renames, and every entry of the old folder that we did
+    not write is moved into the new one. On error nothing in `dest` changes.
+
+    Raises:
+        CheckpointError: `dest` is a file, or a folder of someone else's without `force`.
+    """
+    dest = Path(dest).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    recover(dest)
+    if dest.exists() and not dest.is_dir():
+        raise CheckpointError(f"{dest}: exists and is not a folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(tmp, _umask_mode())  # mkdtemp makes 0700; outputs follow the umask like any folder
+    try:
+        yield tmp
+        names = {f.name for f in tmp.iterdir()}
+        check_writable(dest, names, force)
+        (tmp / OWNED_FILE).write_text(json.dumps({"files": sorted(names)}, indent=1))
+        if not dest.exists():
+            os.rename(tmp, dest)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.rmdir(old)
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        _carry_over(old, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
