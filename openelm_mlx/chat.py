@@ -36,8 +36,8 @@ class ChatSession:
         self,
         model: nn.Module,
         tokenizer: Tokenizer,
-        config: GenerationConfig | None = None,
         *,
+        config: GenerationConfig | None = None,
         system: str | None = None,
         **settings: Any,
     ):
@@ -63,7 +63,7 @@ class ChatSession:
         self.started = True
         start, generated, ended_on_eos = self.tokens + len(ids), 0, False
         try:
-            for step in stream_generate(self.model, self.tokenizer, ids, self.config, prompt_cache=self.cache):
+            for step in stream_generate(self.model, self.tokenizer, ids, config=self.config, prompt_cache=self.cache):
                 if step.token >= 0:
                     generated += 1
                 else:

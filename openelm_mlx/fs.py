@@ -80,9 +80,10 @@ def _carry_over(old: Path, new: Path) -> None:
             os.rename(entry, new / entry.name)
 
 
-def check_writable(dest: Path, new_names: set[str], force: bool) -> None:
+def check_writable(dest: Path, new_names_dir: Path, force: bool) -> None:
     """Refuse to write into an existing folder that is not an earlier output of ours (unless `force`),
-    and, even with `force`, to replace an entry we did not write."""
+    and, even with `force`, to replace an entry we did not write (unless it is byte-identical)."""
+    new_names = {f.name for f in new_names_dir.iterdir()}
     if not dest.exists():
         return
     if not dest.is_dir():
@@ -94,11 +95,22 @@ def check_writable(dest: Path, new_names: set[str], force: bool) -> None:
             f"{dest}: folder exists and was not written by openelm-mlx; choose a new folder, or pass --force "
             "(only files openelm-mlx writes are replaced, nothing else in the folder is touched)"
         )
-    clash = sorted((entries & new_names) - (ours or set()))
+    clash = sorted(n for n in (entries & new_names) - (ours or set()) if not _same_file(dest / n, new_names_dir / n))
     if clash:
         raise CheckpointError(
             f"{dest}: holds {', '.join(clash)}, which openelm-mlx did not write; move it away or choose another folder"
         )
+
+
+def _same_file(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    """True when both are regular files with the same bytes (replacing one by the other loses nothing)."""
+    if not (a.is_file() and b.is_file()) or a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while block := fa.read(chunk):
+            if block != fb.read(chunk):
+                return False
+    return True
 
 
 def _umask_mode() -> int:
@@ -127,9 +139,9 @@ def atomic_output_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
     os.chmod(tmp, _umask_mode())  # mkdtemp makes 0700; outputs follow the umask like any folder
     try:
         yield tmp
-        names = {f.name for f in tmp.iterdir()}
-        check_writable(dest, names, force)
-        (tmp / OWNED_FILE).write_text(json.dumps({"files": sorted(names)}, indent=1))
+        check_writable(dest, tmp, force)
+        names = sorted(f.name for f in tmp.iterdir())
+        (tmp / OWNED_FILE).write_text(json.dumps({"files": names}, indent=1))
         if not dest.exists():
             os.rename(tmp, dest)
             return

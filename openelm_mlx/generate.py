@@ -203,8 +203,8 @@ def token_steps(
 def generate_tokens(
     model: nn.Module,
     prompt_ids: Sequence[int],
-    config: GenerationConfig | None = None,
     *,
+    config: GenerationConfig | None = None,
     draft_model: nn.Module | None = None,
     prompt_cache: list[Any] | None = None,
     eos_ids: Sequence[int] | None = None,
@@ -312,8 +312,8 @@ def stream_generate(
     model: nn.Module,
     tokenizer: Tokenizer,
     prompt: Prompt,
-    config: GenerationConfig | None = None,
     *,
+    config: GenerationConfig | None = None,
     system: str | None = None,
     chat: bool | None = None,
     draft_model: nn.Module | None = None,
@@ -362,6 +362,7 @@ def generate(
     model: nn.Module,
     tokenizer: Tokenizer,
     prompt: Prompt | Sequence[Prompt],
+    *,
     config: GenerationConfig | None = None,
     **kwargs: Any,
 ) -> str | list[str]:
@@ -371,16 +372,16 @@ def generate(
     of `GenerationConfig` (`max_tokens`, `temp`, `stop`, ...).
     """
     if _is_prompt_list(prompt):
-        return generate_batch(model, tokenizer, list(prompt), config, **kwargs)
-    return "".join(step.text for step in stream_generate(model, tokenizer, prompt, config, **kwargs))
+        return generate_batch(model, tokenizer, list(prompt), config=config, **kwargs)
+    return "".join(step.text for step in stream_generate(model, tokenizer, prompt, config=config, **kwargs))
 
 
 def generate_batch(
     model: nn.Module,
     tokenizer: Tokenizer,
     prompts: Sequence[Prompt],
-    config: GenerationConfig | None = None,
     *,
+    config: GenerationConfig | None = None,
     system: str | None = None,
     chat: bool | None = None,
     draft_model: nn.Module | None = None,

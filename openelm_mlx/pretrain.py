@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -84,10 +85,19 @@ def train_tokenizer(
         try:
             _train_sentencepiece(spm, corpus, Path(tmp) / "tok", vocab_size, max_sentences)
         except RuntimeError as e:  # SentencePiece reports a vocabulary the corpus cannot fill this way
-            detail = str(e).strip().splitlines()[-1] if str(e).strip() else "training failed"
-            raise DataError(f"{', '.join(map(str, data))}: cannot train {vocab_size} pieces ({detail})") from None
+            raise DataError(f"{', '.join(map(str, data))}: {_vocab_problem(str(e), vocab_size)}") from None
         os.replace(Path(tmp) / "tok.model", output)
     return output
+
+
+def _vocab_problem(message: str, vocab_size: int) -> str:
+    """SentencePiece's failure as one sentence about the vocabulary size (its own text cites its C++ source)."""
+    if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message):
+        return f"a vocabulary of {vocab_size} is too small: this text needs at least {m.group(2)} pieces"
+    if m := re.search(r"too high \((\d+)\)\. Please set it to a value <= (\d+)", message):
+        return f"a vocabulary of {vocab_size} is too large for this text: at most {m.group(2)} pieces"
+    detail = re.sub(r"^.*\] ", "", message.strip().splitlines()[-1]) if message.strip() else "training failed"
+    return f"cannot train {vocab_size} pieces ({detail})"
 
 
 def _train_sentencepiece(spm: Any, corpus: Path, prefix: Path, vocab_size: int, max_sentences: int) -> None:

@@ -31,6 +31,7 @@ SAFETENSORS_DTYPES: dict[str, tuple[str, Any]] = {
     "F16": ("float16", np.float16),
     "BF16": ("bfloat16", np.uint16),
     "I64": ("int64", np.int64),
+    "U64": ("uint64", np.uint64),
     "I32": ("int32", np.int32),
     "U32": ("uint32", np.uint32),
     "I16": ("int16", np.int16),

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import corenet_state, hf_folder, write_malicious_zip, write_safetensors, write_torch_zip
-from conftest import numpy_weights, random_model, reference_config
+from helpers import numpy_weights, random_model, reference_config
 from openelm_mlx.convert import convert, export
 from openelm_mlx.convert.tables import CORENET_TABLE, HF_TABLE, invert, map_state_dict
 from openelm_mlx.convert.torch_zip import UnsafeCheckpointError, load_torch_zip
@@ -214,15 +214,17 @@ def test_3b_float16_is_refused_without_force(tmp_path):
     )
     weights = {k: np.zeros(v.shape, np.float32) for k, v in numpy_weights(random_model(config)).items()}
     hf_folder(tmp_path / "hf", weights, config.to_dict())
-    with pytest.raises(ValueError, match="float16 overflows.*bfloat16.*--force"):
+    with pytest.raises(ValueError, match="float16 overflows.*bfloat16.*force"):
         convert(tmp_path / "hf", tmp_path / "out", dtype="float16", log=lambda m: None)
     assert (
         convert(tmp_path / "hf", tmp_path / "out", dtype="float16", force=True, log=lambda m: None).dtype == "float16"
     )
 
 
-def test_hub_repo_converts_offline_from_a_prefilled_cache(source, tmp_path, monkeypatch, llama_tokenizer_path):
-    weights, config, ref = source
+def test_hub_repo_converts_offline_from_a_prefilled_cache(tmp_path, monkeypatch, llama_tokenizer_path):
+    llama = OpenELMConfig.tiny(vocab_size=32000)  # the LLaMA tokenizer needs all 32000 rows
+    weights, config = numpy_weights(random_model(llama, seed=7)), llama.to_dict()
+    ref = reference_logits(weights, reference_config(llama), TOKENS)
     cache = tmp_path / "hf_home" / "hub" / "models--apple--OpenELM-tiny-Instruct"
     commit = "0" * 40
     snapshot = hf_folder(cache / "snapshots" / commit, weights, config)
@@ -267,7 +269,7 @@ def test_missing_embedding_and_bad_quantization_settings_fail_before_writing(sou
     result = CliRunner().invoke(
         app, ["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "out"), "-q", "--q-bits", "7"]
     )
-    assert result.exit_code == 1 and "got bits=7" in result.output
+    assert result.exit_code == 1 and "--q-bits: must be one of (2, 3, 4, 5, 6, 8), got 7" in result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -37,7 +37,7 @@ def test_large_vocabularies_use_uint32(corpus):
     path = tokenize_to_file(
         [corpus / "docs" / "a.txt"], lambda t: [70_000], 1, 2, 80_000, corpus / "tok.model", corpus / "cache"
     )
-    assert path.name.endswith("uint32.bin")
+    assert json.loads(path.with_suffix(".json").read_text())["dtype"] == "uint32"  # recorded, not guessed
     assert TokenData.from_tokens(np.fromfile(path, np.uint32), 0.0, 1).train.tolist() == [1, 70_000, 2]
 
 

@@ -4,14 +4,13 @@ import json
 
 import mlx.core as mx
 import pytest
-from conftest import random_model
+from helpers import random_model
 from typer.testing import CliRunner
 
 from openelm_mlx import load, save
-from openelm_mlx.chat import ChatSession
+from openelm_mlx.chat import ChatSession, chat_turn_ids
 from openelm_mlx.cli import app
 from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.chat import chat_turn_ids
 from openelm_mlx.generate import _StopStrings, generate, generate_tokens, stream_generate
 from openelm_mlx.tokenizer import Tokenizer, render_chat
 
@@ -46,36 +45,36 @@ def _argmax_reference(model, ids, n):
 
 def test_greedy_equals_argmax_of_full_forwards(model):
     ids = [1, 15043, 3186, 29892, 445, 338]
-    assert list(generate_tokens(model, ids, 24)) == _argmax_reference(model, ids, 24)
+    assert list(generate_tokens(model, ids, max_tokens=24)) == _argmax_reference(model, ids, 24)
 
 
 def test_long_prompt_is_prefilled_in_chunks_and_matches(model):
     ids = [1] + [(i * 7919) % 31000 + 3 for i in range(700)]  # > one 512-token prefill chunk
-    assert list(generate_tokens(model, ids, 6)) == _argmax_reference(model, ids, 6)
+    assert list(generate_tokens(model, ids, max_tokens=6)) == _argmax_reference(model, ids, 6)
 
 
 def test_speculative_equals_plain_at_temp_zero(model, draft):
     ids = [1, 450, 4996, 17354, 1701]
-    plain = list(generate_tokens(model, ids, 30))
-    assert list(generate_tokens(model, ids, 30, draft_model=draft, num_draft_tokens=3)) == plain
-    assert list(generate_tokens(model, ids, 30, draft_model=model, num_draft_tokens=4)) == plain
+    plain = list(generate_tokens(model, ids, max_tokens=30))
+    assert list(generate_tokens(model, ids, max_tokens=30, draft_model=draft, num_draft_tokens=3)) == plain
+    assert list(generate_tokens(model, ids, max_tokens=30, draft_model=model, num_draft_tokens=4)) == plain
 
 
 def test_same_seed_same_sample(model):
     ids = [1, 450, 4996]
-    a = list(generate_tokens(model, ids, 20, temp=1.0, seed=11))
-    assert a == list(generate_tokens(model, ids, 20, temp=1.0, seed=11))
-    assert a != list(generate_tokens(model, ids, 20, temp=1.0, seed=12))
-    assert a != list(generate_tokens(model, ids, 20))
+    a = list(generate_tokens(model, ids, max_tokens=20, temp=1.0, seed=11))
+    assert a == list(generate_tokens(model, ids, max_tokens=20, temp=1.0, seed=11))
+    assert a != list(generate_tokens(model, ids, max_tokens=20, temp=1.0, seed=12))
+    assert a != list(generate_tokens(model, ids, max_tokens=20))
 
 
 def test_quantized_and_rotating_kv_caches_generate(model):
     ids = [1, 450, 4996, 17354]
-    greedy = list(generate_tokens(model, ids, 12))
-    assert list(generate_tokens(model, ids, 12, kv_bits=8, kv_group_size=32))[:3] == greedy[:3]
-    assert list(generate_tokens(model, ids, 12, max_kv_size=64)) == greedy  # window larger than the run
+    greedy = list(generate_tokens(model, ids, max_tokens=12))
+    assert list(generate_tokens(model, ids, max_tokens=12, kv_bits=8, kv_group_size=32))[:3] == greedy[:3]
+    assert list(generate_tokens(model, ids, max_tokens=12, max_kv_size=64)) == greedy  # window larger than the run
     with pytest.raises(ValueError, match="must divide the model's head_dim 32"):
-        list(generate_tokens(model, ids, 2, kv_bits=4, kv_group_size=64))
+        list(generate_tokens(model, ids, max_tokens=2, kv_bits=4, kv_group_size=64))
 
 
 def test_chat_template_two_turns_with_system(tok):
@@ -124,22 +123,22 @@ def test_stop_strings_hold_back_and_cut():
 
 
 def test_stop_string_ends_generation(model, tok):
-    full = generate(model, tok, "Hello", 20)
+    full = generate(model, tok, "Hello", max_tokens=20)
     cut = full[len(full) // 2 : len(full) // 2 + 3]
     assert cut and cut in full
-    out = generate(model, tok, "Hello", 20, stop=[cut])
+    out = generate(model, tok, "Hello", max_tokens=20, stop=[cut])
     assert out == full[: full.index(cut)]
 
 
 def test_batch_equals_one_by_one(model, tok):
     prompts = ["Hello world, this is", "A", "The quick brown fox jumps over the lazy"]
-    assert generate(model, tok, prompts, 12) == [generate(model, tok, p, 12) for p in prompts]
+    assert generate(model, tok, prompts, max_tokens=12) == [generate(model, tok, p, max_tokens=12) for p in prompts]
 
 
 def test_prompt_longer_than_context_warns(tok):
     small = random_model(OpenELMConfig.tiny(**{**TINY, "max_context_length": 8}))
     with pytest.warns(UserWarning, match="more than the model's max_context_length 8"):
-        list(stream_generate(small, tok, "one two three four five six seven eight nine ten", 2))
+        list(stream_generate(small, tok, "one two three four five six seven eight nine ten", max_tokens=2))
 
 
 def test_chat_turn_ids_equal_the_tail_of_the_whole_template(tok):
@@ -159,14 +158,14 @@ def test_chat_session_feeds_only_new_tokens_and_answers_like_a_fresh_run(model, 
     session = ChatSession(model, tok, system="Be brief.", max_tokens=8)
     first_ids = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     list(session.send("Hi"))
-    answer = list(generate_tokens(model, first_ids, 8))
+    answer = list(generate_tokens(model, first_ids, max_tokens=8))
     assert session.cache[0].offset == len(first_ids) + len(answer) + session.after_eos
     turn = chat_turn_ids(tok, [{"role": "user", "content": "And then?"}], session.after_eos)
     second = "".join(s.text for s in session.send("And then?"))
     assert session.cache[0].offset >= len(first_ids) + len(answer) + len(turn)
     history = first_ids + answer + ([2] if session.after_eos else []) + turn
     detok = tok.detokenizer()
-    fresh = "".join(detok.add_token(t) for t in generate_tokens(model, history, 8)) + detok.finalize()
+    fresh = "".join(detok.add_token(t) for t in generate_tokens(model, history, max_tokens=8)) + detok.finalize()
     assert second == fresh
     session.reset()
     assert session.cache[0].offset == 0
@@ -180,7 +179,7 @@ def saved_model(tmp_path, model, llama_tokenizer_path):
 
 def test_cli_generate_streams_only_text_to_stdout(saved_model, model):
     _, tok = load(saved_model)
-    expected = generate(model, tok, "Hello there", 10)
+    expected = generate(model, tok, "Hello there", max_tokens=10)
     result = CliRunner().invoke(
         app, ["generate", "--model", str(saved_model), "--prompt", "Hello there", "--max-tokens", "10", "--verbose"]
     )
@@ -244,13 +243,13 @@ def test_interrupted_answer_leaves_a_consistent_cache(model, llama_tokenizer_pat
     turn = chat_turn_ids(tok, [{"role": "user", "content": "Go on"}], after_eos=False)
     assert turn[0] == 2  # the cut answer is closed with EOS first
     second = [s.token for s in session.send("Go on") if s.token >= 0]
-    assert second == list(generate_tokens(model, first_ids + shown + turn, 12))
+    assert second == list(generate_tokens(model, first_ids + shown + turn, max_tokens=12))
 
 
 def test_rotating_cache_keeps_generating_past_its_window(model):
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model, max_kv_size=16)
-    out = list(generate_tokens(model, [1, 450, 4996, 17354], 40, prompt_cache=cache, eos_ids=[]))
+    out = list(generate_tokens(model, [1, 450, 4996, 17354], max_tokens=40, prompt_cache=cache, eos_ids=[]))
     assert len(out) == 40
     assert cache[0].keys.shape[2] <= 16  # memory stays bounded by the window

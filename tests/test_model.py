@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import numpy_weights, random_model, reference_config
+from helpers import numpy_weights, random_model, reference_config
 from mlx_lm.models.cache import make_prompt_cache
 from reference import reference_logits, rel_error
 

@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 import numpy as np
-from conftest import random_model
+from helpers import random_model
 from mlx.utils import tree_flatten
 
 from openelm_mlx.config import OpenELMConfig

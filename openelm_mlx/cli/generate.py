@@ -76,7 +76,7 @@ def generate(
         if draft is not None:
             check_draft_model(m, draft)
         last, drafted = None, 0
-        for step in stream_generate(m, tok, prompt, config, system=system, chat=chat, draft_model=draft):
+        for step in stream_generate(m, tok, prompt, config=config, system=system, chat=chat, draft_model=draft):
             sys.stdout.write(step.text)
             sys.stdout.flush()
             drafted += step.from_draft
@@ -101,7 +101,7 @@ def chat(
     with user_errors():
         config = GenerationConfig(**settings)
         m, tok = load_for_generation(model, tokenizer)
-        session = ChatSession(m, tok, config, system=system)
+        session = ChatSession(m, tok, config=config, system=system)
         if hasattr(sys.stdin, "reconfigure"):
             sys.stdin.reconfigure(errors="replace")  # a stray non-UTF-8 byte is not worth a crash
         typer.echo("Type a message; /reset forgets the conversation, /exit quits.", err=True)
