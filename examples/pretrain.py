@@ -1,11 +1,13 @@
 """Pretrain a small layer-wise-scaled OpenELM from scratch with CoreNet's recipe, from Python.
 
-    python examples/pretrain.py [TEXT_FILE] [OUT_DIR]   # default: ../shared/data/tinyshakespeare.txt
+    python examples/pretrain.py [TEXT_FILE] [OUT_DIR]   # default: ../shared/data/tinyshakespeare.txt, if present,
+                                                        # else a small corpus this script writes
 
 For several processes or Macs, the same run goes through the CLI under `mlx.launch`:
     mlx.launch -n 2 --backend ring $(which openelm-mlx) pretrain ...
 """
 
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -15,8 +17,15 @@ from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.generate import generate
 from openelm_mlx.pretrain import PretrainConfig, pretrain, train_tokenizer
 
-text = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parents[2] / "shared/data/tinyshakespeare.txt")
 out = Path(sys.argv[2] if len(sys.argv) > 2 else tempfile.mkdtemp())
+text = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parents[2] / "shared/data/tinyshakespeare.txt")
+if not text.is_file() and len(sys.argv) <= 1:  # no ../shared here: make a small corpus of our own
+    rng = random.Random(0)
+    syllables = "ka lo mi ra ne to su vi de pa gro ther ing ion an ly es ed".split()
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(400)]
+    lines = (" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(6000))
+    text = out / "corpus.txt"
+    text.write_text("\n".join(lines))
 
 tokenizer = train_tokenizer([text], vocab_size=512, output=out / "tokenizer.model")
 config = OpenELMConfig.from_layerwise(  # heads and FFN width grow with depth

@@ -8,6 +8,7 @@ killed at any point is repaired (or its temporaries removed) the next time the s
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from .errors import CheckpointError
 
 OWNED_FILE = ".openelm-mlx-files.json"
+WEIGHT_PATTERN = "model*.safetensors"  # what loaders read as weights, so no stranger may stay beside ours
 log = logging.getLogger("openelm_mlx")
 
 
@@ -95,7 +97,9 @@ def check_writable(dest: Path, new_names_dir: Path, force: bool) -> None:
             f"{dest}: folder exists and was not written by openelm-mlx; choose a new folder, or pass --force "
             "(only files openelm-mlx writes are replaced, nothing else in the folder is touched)"
         )
-    clash = sorted(n for n in (entries & new_names) - (ours or set()) if not _same_file(dest / n, new_names_dir / n))
+    theirs = entries - (ours or set())
+    clash = sorted(n for n in theirs & new_names if not _same_file(dest / n, new_names_dir / n))
+    clash += sorted(n for n in theirs - new_names if fnmatch.fnmatch(n, WEIGHT_PATTERN))  # would be read as weights
     if clash:
         raise CheckpointError(
             f"{dest}: holds {', '.join(clash)}, which openelm-mlx did not write; move it away or choose another folder"

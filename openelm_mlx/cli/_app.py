@@ -41,10 +41,25 @@ def error_line(e: BaseException) -> str:
     return str(e)
 
 
+class _StderrHandler(logging.Handler):
+    """Library notices (repaired folders, BLAS choice) as plain lines on whatever stderr is now."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(
+            f"{record.levelname.lower()}: {record.getMessage()}"
+            if record.levelno >= logging.WARNING
+            else record.getMessage(),
+            err=True,
+        )
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Errors a user can cause print one line on stderr and exit 1; bugs keep their traceback."""
-    logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
+    logger = logging.getLogger("openelm_mlx")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
     try:
         yield
     except (OpenELMError, OSError) as e:
