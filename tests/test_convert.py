@@ -54,7 +54,7 @@ def test_untied_apple_checkpoint_drops_classifier(tmp_path):
 
 
 @pytest.mark.parametrize("wrap", [None, "model_state_dict"])
-def test_corenet_checkpoints_with_padded_vocab(source, tmp_path, wrap, llama_tokenizer_path):
+def test_corenet_checkpoints_with_padded_vocab(source, tmp_path, wrap):
     weights, config, ref = source
     state = corenet_state(weights, padded_vocab=CONFIG.vocab_size + 64)
     name = "training_checkpoint_last.pt" if wrap else "checkpoint_last.pt"
