@@ -254,7 +254,7 @@ def encode_prompt(
     return tokenizer.apply_chat_template(messages)
 
 
-class _StopStrings:
+class StopStrings:
     """Holds back text that could still become a stop string; cuts at the first one found."""
 
     def __init__(self, stops: Sequence[str]):
@@ -329,8 +329,8 @@ def stream_generate(
     config = resolve_config(config, settings)
     ids = encode_prompt(tokenizer, prompt, system, chat)
     _warn_if_too_long(model, ids)
-    detok = tokenizer.detokenizer(strip_leading_space=_starts_fresh(tokenizer, ids))
-    stops, stats = _StopStrings(config.stop), _Stats(len(ids))
+    detok = tokenizer.detokenizer(strip_leading_space=starts_fresh(tokenizer, ids))
+    stops, stats = StopStrings(config.stop), _Stats(len(ids))
     steps = token_steps(
         model, ids, config, eos_ids={tokenizer.eos_id}, draft_model=draft_model, prompt_cache=prompt_cache
     )
@@ -346,7 +346,7 @@ def stream_generate(
     yield stats.step(tail, finish_reason=reason)
 
 
-def _starts_fresh(tokenizer: Tokenizer, ids: Sequence[int]) -> bool:
+def starts_fresh(tokenizer: Tokenizer, ids: Sequence[int]) -> bool:
     """Drop SentencePiece's leading space when the answer starts a line (chat) or the prompt is only BOS."""
     if len(ids) <= 1:
         return True
@@ -405,8 +405,8 @@ def generate_batch(
         mx.random.seed(config.seed)
     sampler, processors = make_sampling(config)
     answers: list[str] = []
-    stops = [_StopStrings(config.stop) for _ in ids]
-    detoks = [tokenizer.detokenizer(strip_leading_space=_starts_fresh(tokenizer, p)) for p in ids]
+    stops = [StopStrings(config.stop) for _ in ids]
+    detoks = [tokenizer.detokenizer(strip_leading_space=starts_fresh(tokenizer, p)) for p in ids]
 
     def done(i: int, token: int) -> bool:  # feed one row's token; True once a stop string appeared
         stops[i].feed(detoks[i].add_token(token))
@@ -414,8 +414,8 @@ def generate_batch(
 
     outputs = batch_token_ids(model, ids, config.max_tokens, sampler, tokenizer.eos_id, processors, done)
     for i, out in enumerate(outputs):
-        detok = tokenizer.detokenizer(strip_leading_space=_starts_fresh(tokenizer, ids[i]))
-        cut = _StopStrings(config.stop)
+        detok = tokenizer.detokenizer(strip_leading_space=starts_fresh(tokenizer, ids[i]))
+        cut = StopStrings(config.stop)
         text = "".join(cut.feed(detok.add_token(t)) for t in out)
         text += cut.feed(detok.finalize()) + ("" if cut.stopped else cut.flush())
         answers.append(text)

@@ -11,7 +11,7 @@ from openelm_mlx import load, save
 from openelm_mlx.chat import ChatSession, chat_turn_ids
 from openelm_mlx.cli import app
 from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.generate import _StopStrings, generate, generate_tokens, stream_generate
+from openelm_mlx.generate import StopStrings, generate, generate_tokens, stream_generate
 from openelm_mlx.tokenizer import Tokenizer, render_chat
 
 TINY = dict(vocab_size=32000, model_dim=64, head_dim=32, max_context_length=1024)
@@ -115,11 +115,11 @@ def test_tokenizer_reproduces_the_llama_test_vectors(tok, llama_tokenizer_path):
 
 
 def test_stop_strings_hold_back_and_cut():
-    stops = _StopStrings(["END", "\n\n"])
+    stops = StopStrings(["END", "\n\n"])
     assert stops.feed("abc E") == "abc "  # "E" could start "END"
     assert stops.feed("N") == ""
     assert stops.feed("D tail") == "" and stops.stopped
-    assert _StopStrings(["END"]).feed("no stop here") == "no stop here"
+    assert StopStrings(["END"]).feed("no stop here") == "no stop here"
 
 
 def test_stop_string_ends_generation(model, tok):
