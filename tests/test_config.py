@@ -135,3 +135,18 @@ def test_published_config_equals_the_preset():
     published = OpenELMConfig.from_dict(json.loads(PUBLISHED_1_1B))
     assert published == OpenELMConfig.from_preset("OpenELM-1_1B-Instruct")
     assert published.num_parameters() == PARAMS["OpenELM-1_1B"]
+
+
+def test_rms_norm_eps_is_read_and_used_and_unknown_keys_are_warned_once():
+    import mlx.core as mx
+    import pytest as _pytest
+    from helpers import random_model
+
+    d = OpenELMConfig.tiny().to_dict()
+    assert d["rms_norm_eps"] == 1e-6
+    with _pytest.warns(UserWarning, match="config fields not used by OpenELM, ignored: rope_scaling, sliding_window"):
+        wide = OpenELMConfig.from_dict({**d, "rms_norm_eps": 0.5, "rope_scaling": None, "sliding_window": 4})
+    assert wide.rms_norm_eps == 0.5
+    a, b = random_model(OpenELMConfig.tiny(), seed=1), random_model(wide, seed=1)
+    x = mx.array([[1, 2, 3]])
+    assert not mx.allclose(a(x), b(x))  # the model uses the config's epsilon, not a constant

@@ -245,9 +245,16 @@ def test_hub_repo_converts_offline_from_a_prefilled_cache(tmp_path, monkeypatch,
 
 
 def test_tables_are_inverses_and_reject_unknown_keys():
-    names = [f"transformer.layers.{i}.attn.qkv_proj.weight" for i in range(3)] + ["transformer.norm.weight"]
-    state = dict.fromkeys(names, 0)
-    assert map_state_dict(map_state_dict(state, HF_TABLE), invert(HF_TABLE)) == state
+    # The CoreNet table renames every key, so a round trip through it fails if templates were not inverted.
+    corenet = {f"layers.{i}.attn.qkv_proj.weight": i for i in range(12)}
+    corenet.update({"token_embeddings.weight": 20, "norm.weight": 21, "classifier.weight": 22})
+    mlx_names = map_state_dict(corenet, CORENET_TABLE)
+    assert "transformer.layers.11.attn.qkv_proj.weight" in mlx_names and "lm_head.weight" in mlx_names
+    assert map_state_dict(mlx_names, invert(CORENET_TABLE)) == corenet
+    hf = {"transformer.layers.3.ffn.proj_2.weight": 0, "transformer.norm.weight": 1}
+    assert map_state_dict(map_state_dict(hf, HF_TABLE), invert(HF_TABLE)) == hf
+    with pytest.raises(ValueError, match="two sources"):
+        invert({"a": "x", "b": "x"})
     assert map_state_dict({"layers.11.ffn.proj_1.weight": 1, "classifier.weight": 2}, CORENET_TABLE) == {
         "transformer.layers.11.ffn.proj_1.weight": 1,
         "lm_head.weight": 2,

@@ -253,3 +253,14 @@ def test_rotating_cache_keeps_generating_past_its_window(model):
     out = list(generate_tokens(model, [1, 450, 4996, 17354], max_tokens=40, prompt_cache=cache, eos_ids=[]))
     assert len(out) == 40
     assert cache[0].keys.shape[2] <= 16  # memory stays bounded by the window
+
+
+def test_instruct_is_decided_by_the_record_first_then_the_name(tmp_path, model, llama_tokenizer_path):
+    from openelm_mlx.tokenizer import uses_chat_template
+
+    plain = tmp_path / "my-Instruct-copy"
+    save(model, plain, tokenizer=Tokenizer(llama_tokenizer_path, chat_template=False))
+    assert uses_chat_template(plain, plain.name) is False  # recorded: no template, whatever the name says
+    assert load(plain)[1].chat_template is False
+    assert uses_chat_template(None, "apple/OpenELM-270M-Instruct") is True  # no record: the name decides
+    assert uses_chat_template(tmp_path / "missing", "OpenELM-270M") is False

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 from openelm_mlx import CheckpointError, OptionError, load, load_model, save
 from openelm_mlx.cli import app
 from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.convert import convert
 from openelm_mlx.demo import DEMO_DIR
 from openelm_mlx.fs import OWNED_FILE
 from openelm_mlx.generate import GenerationConfig, generate_tokens
@@ -154,7 +153,8 @@ def test_deeply_nested_or_duplicated_json_is_one_error(tmp_path):
     with pytest.raises(CheckpointError, match="deep.safetensors: not valid JSON"):
         safetensors_header(path)
     dup = tmp_path / "dup.safetensors"
-    raw = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    entry = b'{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    raw = b'{"w": ' + entry + b', "w": ' + entry + b"}"
     dup.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
     with pytest.raises(CheckpointError, match="dup.safetensors: key 'w' appears twice"):
         safetensors_header(dup)
