@@ -1,24 +1,28 @@
-"""Pretraining data: documents from text/JSONL files, tokenized once into a memory-mapped token file.
-
-Batches are random `seq_len + 1` windows drawn from a generator seeded by (seed, step), so a
-resumed run or a run split over ranks sees exactly the same global batches.
+"""Training data. Pretraining: documents tokenized once into a memory-mapped token file, batches of
+random windows. Fine-tuning: JSONL examples (text, prompt/completion or chat) with loss masks, padded
+into batches. Either way a batch depends only on (seed, step), so resumed and multi-rank runs match.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from .errors import DataError
+from .tokenizer import CHAT_ROLES, EOS_TEXT
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
+log = logging.getLogger("openelm_mlx")
 
 
 def data_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -174,3 +178,177 @@ class TokenData:
             (windows[i : i + batch_size, :-1], windows[i : i + batch_size, 1:])
             for i in range(0, len(windows), batch_size)
         ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning data: {"text"}, {"prompt", "completion"} or {"messages"} lines of train/valid/test.jsonl.
+
+SPLITS = ("train", "valid", "test")
+PAD_MULTIPLE = 8  # batch lengths are rounded up to this, so the compiled step sees few shapes
+
+
+class FinetuneTokenizer(Protocol):
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def encode_chat_text(self, text: str) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example: `ids` and, for each target `ids[1:]`, whether it counts in the loss."""
+
+    ids: np.ndarray  # int32 (L,)
+    weights: np.ndarray  # float32 (L - 1,)
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'{where}: "messages" must be a non-empty list')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i} needs a 'role' in {CHAT_ROLES} and a string 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the chat has no assistant turn (nothing to learn)")
+
+
+def check_record(record: Any, where: str) -> str:
+    """The record's kind ("text", "completion" or "chat"); DataError naming `where` if malformed."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    if "messages" in record:
+        _check_messages(record["messages"], where)
+        return "chat"
+    if "prompt" in record or "completion" in record:
+        for key in ("prompt", "completion"):
+            if not isinstance(record.get(key), str):
+                raise DataError(f'{where}: "{key}" must be a string')
+        return "completion"
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise DataError(f'{where}: "text" must be a string')
+        return "text"
+    raise DataError(f'{where}: needs "text", "prompt" and "completion", or "messages"')
+
+
+def read_records(path: Path) -> list[tuple[str, dict]]:
+    """The JSONL records of `path` as (where, record), `where` being "file, line N".
+
+    Raises:
+        DataError: missing, empty or binary file; invalid JSON, missing keys or wrong types on line N.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    records = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise DataError(f"{where}: invalid JSON ({getattr(e, 'msg', 'too deeply nested')})") from None
+        check_record(record, where)
+        records.append((where, record))
+    return records
+
+
+def _chat_segments(messages: list[dict], tok: FinetuneTokenizer) -> list[tuple[list[int], bool]]:
+    """Token segments of a chat, (ids, is_assistant_reply): each prompt part is tokenized exactly as the
+    Instruct template renders it at inference, each reply as its text followed by EOS."""
+    segments, pending = [], ""
+    for m in messages:
+        if m["role"] != "assistant":
+            pending += f"<|{m['role']}|>\n{m['content']}{EOS_TEXT}\n"
+            continue
+        segments.append((tok.encode_chat_text(pending + "<|assistant|>\n"), False))
+        segments.append(([*tok.encode(m["content"], add_bos=False), tok.eos_id], True))
+        pending = "\n"
+    return segments
+
+
+def encode_record(record: dict, tok: FinetuneTokenizer, mask_prompt: bool) -> tuple[list[int], list[bool]]:
+    """Token ids (BOS first, EOS last) and a per-token "counts in the loss" flag.
+
+    With `mask_prompt`, only completion / assistant tokens count; otherwise every token does.
+    """
+    if "messages" in record:
+        segments = _chat_segments(record["messages"], tok)
+    elif "prompt" in record:
+        segments = [
+            (tok.encode(record["prompt"], add_bos=False), False),
+            ([*tok.encode(record["completion"], add_bos=False), tok.eos_id], True),
+        ]
+    else:
+        segments = [([*tok.encode(record["text"], add_bos=False), tok.eos_id], True)]
+    ids, counts = [tok.bos_id], [False]
+    for seg, learn in segments:
+        ids.extend(seg)
+        counts.extend([learn or not mask_prompt] * len(seg))
+    return ids, counts
+
+
+def load_split(path: Path, tok: FinetuneTokenizer, max_seq_len: int, mask_prompt: bool = False) -> FinetuneData:
+    """Read and tokenize one JSONL split; examples longer than `max_seq_len` tokens are cut (one warning)."""
+    examples, cut = [], 0
+    for _, record in read_records(path):
+        ids, counts = encode_record(record, tok, mask_prompt)
+        if len(ids) > max_seq_len:
+            ids, counts, cut = ids[:max_seq_len], counts[:max_seq_len], cut + 1
+        examples.append(Example(np.asarray(ids, np.int32), np.asarray(counts[1:], np.float32)))
+    if not examples:
+        raise DataError(f"{path}: file has no examples")
+    if cut:
+        log.warning(
+            "%s: %d of %d examples are longer than %d tokens and were truncated", path, cut, len(examples), max_seq_len
+        )
+    return FinetuneData(examples, str(path))
+
+
+def collate(examples: Sequence[Example], pad_multiple: int = PAD_MULTIPLE) -> tuple[np.ndarray, ...]:
+    """(inputs, targets, loss weights), each (B, L): right-padded with id 0 and weight 0."""
+    longest = max(len(e.weights) for e in examples)
+    length = max(1, math.ceil(longest / pad_multiple) * pad_multiple)
+    inputs = np.zeros((len(examples), length), np.int32)
+    targets = np.zeros((len(examples), length), np.int32)
+    weights = np.zeros((len(examples), length), np.float32)
+    for i, e in enumerate(examples):
+        n = len(e.weights)
+        inputs[i, :n], targets[i, :n], weights[i, :n] = e.ids[:-1], e.ids[1:], e.weights
+    return inputs, targets, weights
+
+
+@dataclass
+class FinetuneData:
+    """Tokenized fine-tuning examples; each epoch visits them in an order seeded by (seed, epoch)."""
+
+    examples: list[Example]
+    source: str = "data"
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def loss_tokens(self) -> int:
+        return int(sum(e.weights.sum() for e in self.examples))
+
+    def _order(self, seed: int, epoch: int) -> np.ndarray:
+        cache = self.__dict__.setdefault("_orders", {})
+        if (seed, epoch) not in cache:
+            cache.clear()
+            cache[(seed, epoch)] = np.random.default_rng([seed, epoch]).permutation(len(self.examples))
+        return cache[(seed, epoch)]
+
+    def batch(self, index: int, seed: int, batch_size: int, rank: int = 0, world: int = 1) -> tuple[np.ndarray, ...]:
+        """This rank's part of global micro-batch `index` (batch_size * world examples): see `collate`."""
+        n, size = len(self.examples), batch_size * world
+        positions = range(index * size + rank * batch_size, index * size + (rank + 1) * batch_size)
+        return collate([self.examples[self._order(seed, p // n)[p % n]] for p in positions])
+
+    def eval_batches(self, batch_size: int, max_batches: int = 0) -> list[tuple[np.ndarray, ...]]:
+        """Fixed batches in file order (all of them when `max_batches` is 0)."""
+        starts = range(0, len(self.examples), batch_size)
+        if max_batches:
+            starts = starts[:max_batches]
+        return [collate(self.examples[s : s + batch_size]) for s in starts]

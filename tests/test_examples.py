@@ -38,6 +38,11 @@ def test_quantize_example():
     assert "bits per weight" in _run(str(EXAMPLES / "quantize.py"))
 
 
+def test_lora_example():
+    out = _run(str(EXAMPLES / "lora.py"))
+    assert "moon" in out.lower() or "adapter" in out.lower()
+
+
 def test_serve_example():
     assert "assistant:" in _run(str(EXAMPLES / "serve.py"))
 

@@ -18,7 +18,7 @@ import typer
 from ..errors import OpenELMError, OptionError
 
 app = typer.Typer(
-    help="Run, convert, quantize and pretrain Apple's OpenELM models with MLX.",
+    help="Run, convert, quantize, fine-tune, serve and pretrain Apple's OpenELM models with MLX.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

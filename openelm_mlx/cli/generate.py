@@ -18,11 +18,14 @@ TokenizerOpt = Annotated[
     ),
 ]
 SystemOpt = Annotated[str | None, typer.Option(help="System prompt (Instruct template).")]
+AdapterOpt = Annotated[
+    str | None, typer.Option(help="LoRA/DoRA adapters to apply (a folder written by `openelm-mlx lora`).")
+]
 CHAT_SETTINGS = ("max_tokens", "temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_kv_size")
 
 
-def load_for_generation(model: str | None, tokenizer: str | None) -> tuple[Any, Any]:
-    """The model and tokenizer to generate with (the bundled demo when `model` is None)."""
+def load_for_generation(model: str | None, tokenizer: str | None, adapter_path: str | None = None) -> tuple[Any, Any]:
+    """The model and tokenizer to generate with (the bundled demo when `model` is None), adapters applied."""
     from ..demo import DEMO_DIR, DEMO_NAME
     from ..io import load
 
@@ -34,7 +37,12 @@ def load_for_generation(model: str | None, tokenizer: str | None) -> tuple[Any, 
             err=True,
         )
         model = str(DEMO_DIR)
-    return load(model, tokenizer=tokenizer)
+    m, tok = load(model, tokenizer=tokenizer)
+    if adapter_path is not None:
+        from ..lora import load_adapters
+
+        load_adapters(m, adapter_path)
+    return m, tok
 
 
 def _print_stats(last: Any, drafted: int, draft: bool) -> None:
@@ -53,6 +61,7 @@ def generate(
     settings: dict[str, Any],
     model: ModelOpt = None,
     tokenizer: TokenizerOpt = None,
+    adapter_path: AdapterOpt = None,
     system: SystemOpt = None,
     chat: Annotated[
         bool | None, typer.Option(help="Wrap the prompt in the Instruct template (default: when the model has one).")
@@ -71,7 +80,7 @@ def generate(
         config = GenerationConfig(**settings)
         if prompt == "-":
             prompt = read_stdin_text()
-        m, tok = load_for_generation(model, tokenizer)
+        m, tok = load_for_generation(model, tokenizer, adapter_path)
         draft = load(draft_model, tokenizer=tok.model_file)[0] if draft_model else None
         if draft is not None:
             check_draft_model(m, draft)
@@ -92,6 +101,7 @@ def chat(
     settings: dict[str, Any],
     model: ModelOpt = None,
     tokenizer: TokenizerOpt = None,
+    adapter_path: AdapterOpt = None,
     system: SystemOpt = None,
 ) -> None:
     """Chat with an Instruct model; the KV cache is kept between turns. /reset forgets, /exit quits,
@@ -100,7 +110,7 @@ def chat(
 
     with user_errors():
         config = GenerationConfig(**settings)
-        m, tok = load_for_generation(model, tokenizer)
+        m, tok = load_for_generation(model, tokenizer, adapter_path)
         session = ChatSession(m, tok, config=config, system=system)
         if hasattr(sys.stdin, "reconfigure"):
             sys.stdin.reconfigure(errors="replace")  # a stray non-UTF-8 byte is not worth a crash

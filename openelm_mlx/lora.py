@@ -1,0 +1,596 @@
+"""LoRA, DoRA and QLoRA fine-tuning of OpenELM: the settings (`LoraConfig`), mlx-lm's adapter layers swapped
+into the one model, training on the shared `Trainer`, mlx-lm's adapter folder format, loading and fusing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from .data import FinetuneData, load_split
+from .errors import CheckpointError, OptionError, check_range
+from .fs import atomic_output_dir, require_regular_file
+from .io import read_json
+from .quantize import QUANTIZED
+from .train import (
+    Checkpointer,
+    Evaluate,
+    Logger,
+    OptimizerConfig,
+    Trainer,
+    checkpoints,
+    enable_grad_checkpoint,
+    lm_loss,
+    make_optimizer,
+    truncate_log,
+)
+from .weights import load_safetensors
+
+ADAPTERS_FILE = "adapters.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+RUN_FILES = (ADAPTERS_FILE, ADAPTER_CONFIG_FILE, "train_config.json", "log.jsonl", CHECKPOINTS)
+# target name -> mlx-lm key: relative to a decoder layer, or the full path for the embedding
+TARGETS = {
+    "qkv_proj": "attn.qkv_proj",
+    "out_proj": "attn.out_proj",
+    "proj_1": "ffn.proj_1",
+    "proj_2": "ffn.proj_2",
+    "token_embeddings": "transformer.token_embeddings",
+}
+DEFAULT_TARGETS = "qkv_proj,out_proj,proj_1,proj_2"
+ADAPTER_TYPES = (LoRALinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
+# The paper's PEFT recipe (commonsense reasoning): every value here replaces the default.
+PAPER_RECIPE: dict[str, Any] = {
+    "rank": 32,
+    "alpha": 32.0,
+    "dropout": 0.1,
+    "targets": DEFAULT_TARGETS + ",token_embeddings",
+    "epochs": 3.0,
+    "batch_size": 8,
+    "grad_accum": 2,
+    "warmup": 1000,
+    "lr": 3e-4,
+    "min_lr": 3e-5,
+    "weight_decay": 0.0,
+}
+RECIPES = {"paper": PAPER_RECIPE}
+FUSE_TOLERANCE = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 3e-2}  # relative, by weight dtype
+log = logging.getLogger("openelm_mlx")
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Settings of an adapter fine-tuning run; checked when built. Each field with help is also a CLI option."""
+
+    model: str = ""
+    data: str = ""
+    adapter_path: str = ""
+    tokenizer: str | None = None
+    rank: int = _opt(8, "Rank r of the low-rank update.")
+    alpha: float = _opt(16.0, "LoRA alpha: the update B·A is scaled by alpha / rank.")
+    dropout: float = _opt(0.0, "Dropout on the adapters' input while training.")
+    dora: bool = _opt(False, "DoRA: also learn each output row's magnitude.")
+    targets: str = _opt(DEFAULT_TARGETS, f"Comma-separated modules to adapt, from: {', '.join(TARGETS)}.")
+    num_layers: str = _opt("all", "Adapt the last N decoder layers, or all.")
+    iters: int | None = _opt(None, "Optimizer steps (instead of epochs).")
+    epochs: float | None = _opt(None, "Passes over train.jsonl (default 3 when iters is not given).")
+    batch_size: int = _opt(4, "Examples per micro-batch per process.")
+    grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
+    lr: float = _opt(1e-4, "Peak learning rate (after warmup; cosine decay to min_lr).")
+    min_lr: float | None = _opt(None, "Final cosine learning rate (default lr/10).")
+    warmup: int = _opt(0, "Linear warmup steps.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (not on 1-D parameters).")
+    grad_clip: float = _opt(1.0, "Gradient-norm clip (0: off).")
+    max_seq_len: int | None = _opt(None, "Longer examples are truncated (default: the model's context length).")
+    mask_prompt: bool = _opt(False, "Loss on completion / assistant tokens only.")
+    grad_checkpoint: bool = _opt(False, "Recompute activations to save memory.")
+    val_every: int = _opt(100, "Validation loss on valid.jsonl every N steps and at the end (0: never).")
+    val_batches: int = _opt(25, "Validation batches per evaluation (0: all of valid.jsonl).")
+    save_every: int = _opt(100, "Checkpoint every N steps (0: never).")
+    seed: int = _opt(0, "Seed for adapter initialisation, dropout and data order.")
+    resume: bool = _opt(False, "Continue from the latest checkpoint in the adapter folder.")
+    overwrite: bool = _opt(False, "Start afresh in an adapter folder that holds an earlier run.")
+    test: bool = _opt(False, "After training, report the loss and perplexity on test.jsonl.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_layers, int) and not isinstance(self.num_layers, bool):
+            object.__setattr__(self, "num_layers", str(self.num_layers))
+        check_range("rank", self.rank, 1, 4096, integer=True)
+        check_range("alpha", self.alpha, 0, 1e6, low_open=True)
+        check_range("dropout", self.dropout, 0, 0.99)
+        self.target_names  # noqa: B018  (validates)
+        if self.num_layers != "all" and not (self.num_layers.isdigit() and int(self.num_layers) >= 1):
+            raise OptionError("num_layers", f"must be a positive whole number or 'all', got {self.num_layers!r}")
+        self._check_schedule()
+        for name in ("val_every", "val_batches", "save_every", "seed"):
+            check_range(name, getattr(self, name), 0, integer=True)
+        check_range("max_seq_len", self.max_seq_len, 2, integer=True)
+        if self.resume and self.overwrite:
+            raise OptionError("resume", "and overwrite cannot both be given")
+
+    def _check_schedule(self) -> None:
+        if self.iters is not None and self.epochs is not None:
+            raise OptionError("iters", "and epochs cannot both be given")
+        check_range("iters", self.iters, 1, integer=True)
+        check_range("epochs", self.epochs, 0, 1e6, low_open=True)
+        for name in ("batch_size", "grad_accum"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("warmup", self.warmup, 0, integer=True)
+        check_range("lr", self.lr, 0, 10, low_open=True)
+        check_range("min_lr", self.min_lr, 0, self.lr)
+        check_range("weight_decay", self.weight_decay, 0, 10)
+        check_range("grad_clip", self.grad_clip, 0)
+
+    @property
+    def scale(self) -> float:
+        """The factor on the low-rank update: alpha / rank."""
+        return self.alpha / self.rank
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        names = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        unknown = [t for t in names if t not in TARGETS]
+        if not names or unknown or len(set(names)) != len(names):
+            raise OptionError("targets", f"must be distinct names from {', '.join(TARGETS)}, got {self.targets!r}")
+        return names
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML file whose keys are `LoraConfig` field names (dashes allowed) or `recipe`."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise OptionError("config", f"{path}: cannot be read ({str(e)[:120]})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise OptionError("config", f"{path}: expected a mapping of settings")
+    known = {f.name for f in fields(LoraConfig)} | {"recipe"}
+    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    for key in values:
+        if key not in known:
+            raise OptionError("config", f"{path}: unknown setting {key!r}")
+    if isinstance(values.get("targets"), list):
+        values["targets"] = ",".join(map(str, values["targets"]))
+    return values
+
+
+def make_config(
+    values: dict[str, Any], explicit: set[str] | None = None, recipe: str | None = None, config_file: Path | None = None
+) -> LoraConfig:
+    """A `LoraConfig` from, in rising priority: `values` (defaults), the recipe, the YAML file, and the
+    `explicit` keys of `values` (settings the user gave directly)."""
+    from_file = read_config_file(config_file) if config_file is not None else {}
+    recipe = recipe or from_file.pop("recipe", None)
+    from_file.pop("recipe", None)
+    if recipe is not None and recipe not in RECIPES:
+        raise OptionError("recipe", f"must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    chosen = {k: values[k] for k in (explicit if explicit is not None else set(values)) if k in values}
+    sources = [chosen, from_file, RECIPES[recipe] if recipe else {}]
+    merged = {**values, **sources[2], **from_file, **chosen}
+    for source in sources:  # iters and epochs from different sources: the higher-priority one wins
+        has_iters, has_epochs = source.get("iters") is not None, source.get("epochs") is not None
+        if has_iters != has_epochs:
+            merged["epochs" if has_iters else "iters"] = None
+        if has_iters or has_epochs:
+            break
+    return LoraConfig(**merged)
+
+
+# --- adapter layers ------------------------------------------------------------------------------
+
+
+def lora_parameters(config: LoraConfig) -> dict[str, Any]:
+    """mlx-lm's `lora_parameters` entry: rank, scale, dropout and the module keys."""
+    keys = [TARGETS[t] for t in config.target_names]
+    return {"rank": config.rank, "scale": config.scale, "dropout": config.dropout, "keys": keys}
+
+
+def num_adapted_layers(config: LoraConfig, model: nn.Module) -> int:
+    n = len(model.layers)
+    if config.num_layers == "all":
+        return n
+    if int(config.num_layers) > n:
+        raise OptionError("num_layers", f"{config.num_layers} is more than the model's {n} decoder layers")
+    return int(config.num_layers)
+
+
+def add_adapters(model: nn.Module, num_layers: int, params: dict[str, Any], dora: bool = False) -> nn.Module:
+    """Freeze `model` and swap its target modules (in the last `num_layers` layers) for mlx-lm's LoRA or DoRA
+    layers wrapping them, in place: only the adapters train; a quantized base gives QLoRA."""
+    embedding = model.transformer.token_embeddings
+    if dora and TARGETS["token_embeddings"] in params["keys"] and isinstance(embedding, nn.QuantizedEmbedding):
+        raise OptionError("dora", "DoRA on a quantized token embedding is not supported: drop token_embeddings")
+    if any(isinstance(m, ADAPTER_TYPES) for _, m in model.named_modules()):
+        raise OptionError("adapter_path", "the model already has adapters")
+    model.freeze()
+    linear_to_lora_layers(model, num_layers, params, use_dora=dora)
+    return model
+
+
+def adapter_config(config: LoraConfig, model: nn.Module) -> dict[str, Any]:
+    """adapter_config.json in mlx-lm's format (what `mlx_lm.load(..., adapter_path=)` reads), plus our keys."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "fine_tune_type": "dora" if config.dora else "lora",
+        "num_layers": num_adapted_layers(config, model),
+        "lora_parameters": lora_parameters(config),
+        "alpha": config.alpha,
+        "targets": list(config.target_names),
+        "model": config.model,
+    }
+
+
+def save_adapters(
+    model: nn.Module, folder: str | Path, config: dict[str, Any], extra: dict[str, str] | None = None
+) -> Path:
+    """Write the trainable (adapter) weights and `config` to `folder` atomically (plus `extra` text files)."""
+    with atomic_output_dir(folder, force=True) as tmp:
+        mx.save_safetensors(str(tmp / ADAPTERS_FILE), dict(tree_flatten(model.trainable_parameters())))
+        (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+    return Path(folder)
+
+
+def _parse_adapter_config(raw: dict[str, Any], path: Path, n_layers: int) -> tuple[int, dict[str, Any], bool]:
+    """(num_layers, lora_parameters, dora) of an adapter_config.json, checked against a model of `n_layers`."""
+    kind = raw.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora"):
+        raise CheckpointError(f"{path}: fine_tune_type {kind!r} is not supported (lora or dora)")
+    version = raw.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is newer than this openelm-mlx reads")
+    num_layers, p = raw.get("num_layers"), raw.get("lora_parameters")
+    if not isinstance(num_layers, int) or not 1 <= num_layers <= n_layers:
+        raise CheckpointError(f"{path}: num_layers {num_layers!r} does not fit a model of {n_layers} layers")
+    if not isinstance(p, dict):
+        raise CheckpointError(f'{path}: "lora_parameters" must be an object')
+    keys = p.get("keys") or [TARGETS[t] for t in DEFAULT_TARGETS.split(",")]
+    ok = isinstance(p.get("rank"), int) and p["rank"] >= 1
+    ok = ok and all(isinstance(p.get(k), (int, float)) and not isinstance(p.get(k), bool) for k in ("scale", "dropout"))
+    if not ok or not isinstance(keys, list) or not set(keys) <= set(TARGETS.values()):
+        raise CheckpointError(f"{path}: lora_parameters need an integer rank, numbers scale and dropout, known keys")
+    return num_layers, {**p, "keys": keys}, kind == "dora"
+
+
+def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
+    """Apply the adapters saved in `adapter_path` to a loaded model, in place (unfused; eval mode).
+
+    Raises:
+        CheckpointError: naming the file, when the folder is incomplete or does not fit this model.
+    """
+    folder = Path(adapter_path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not an adapter folder (expected {ADAPTER_CONFIG_FILE}, {ADAPTERS_FILE})")
+    config_path, weights_path = folder / ADAPTER_CONFIG_FILE, folder / ADAPTERS_FILE
+    num_layers, params, dora = _parse_adapter_config(read_json(config_path), config_path, len(model.layers))
+    weights = load_safetensors(require_regular_file(weights_path))
+    try:
+        add_adapters(model, num_layers, params, dora)
+    except OptionError as e:
+        raise CheckpointError(f"{config_path}: {e.detail}") from None
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    for name, value in weights.items():
+        if name not in expected or value.shape != expected[name].shape:
+            raise CheckpointError(f"{weights_path}: tensor {name!r} does not fit this model's adapters")
+    if set(weights) != set(expected):
+        missing = sorted(set(expected) - set(weights))[0]
+        raise CheckpointError(f"{weights_path}: lacks adapter tensor {missing!r}")
+    model.load_weights(list(weights.items()), strict=False)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+# --- fusing --------------------------------------------------------------------------------------
+
+
+def _relative_difference(a: mx.array, b: mx.array) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.abs(a - b).max() / mx.maximum(mx.abs(b).max(), 1e-30)).item()
+
+
+def _requantize(module: nn.Module, like: nn.Module) -> nn.Module:
+    if isinstance(like, nn.QuantizedEmbedding):
+        return nn.QuantizedEmbedding.from_embedding(module, like.group_size, like.bits, mode=like.mode)
+    return nn.QuantizedLinear.from_linear(module, like.group_size, like.bits, mode=like.mode)
+
+
+def dequantize_all(model: nn.Module) -> None:
+    """Replace every quantized layer of `model` by its float equivalent, in place."""
+    from mlx_lm.utils import dequantize_model
+
+    dequantize_model(model)
+
+
+def fuse_adapters(model: nn.Module, probe: mx.array, dequantize: bool = False) -> dict[str, float]:
+    """Merge every adapter into the layer it wraps, in place, and check the result on `probe` token ids.
+
+    Adapted layers over a quantized base are merged in float, checked, then quantized again with the
+    same settings (a lossy step, measured as "requantize_error"), or the whole model is dequantized.
+
+    Returns:
+        {"fuse_error": relative max logit difference of the float merge, "requantize_error" (if any)}.
+
+    Raises:
+        CheckpointError: the merged model's logits differ from the adapted model's beyond float rounding.
+    """
+    model.eval()
+    before = model(probe)
+    fused, bases = [], {}
+    for name, m in model.named_modules():
+        if isinstance(m, ADAPTER_TYPES):
+            fused.append((name, m.fuse(dequantize=True)))
+            base = m.embedding if isinstance(m, (LoRAEmbedding, DoRAEmbedding)) else m.linear
+            if isinstance(base, QUANTIZED):
+                bases[name] = base
+    model.update_modules(tree_unflatten(fused))
+    error = _relative_difference(model(probe), before)
+    tolerance = FUSE_TOLERANCE.get(model.transformer.norm.weight.dtype, 3e-2)
+    if not error <= tolerance:
+        raise CheckpointError(f"fused logits differ from the adapted model's by {error:.2e} (allowed {tolerance:.0e})")
+    result = {"fuse_error": error}
+    if dequantize:
+        dequantize_all(model)
+    elif bases:
+        model.update_modules(tree_unflatten([(n, _requantize(m, bases[n])) for n, m in fused if n in bases]))
+        result["requantize_error"] = _relative_difference(model(probe), before)
+    mx.eval(model.parameters())
+    return result
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterTrainer(Trainer):
+    """The shared Trainer, for adapters: the random state (dropout) flows through the compiled step, and a
+    checkpoint holds only the trainable weights and the optimizer state (and `adapter_config`, so a
+    checkpoint folder is itself a loadable adapter folder)."""
+
+    adapter_config: dict[str, Any] | None = None
+
+    def _build(self) -> None:
+        state = [self.model.state, self.optimizer.state, mx.random.state]
+        grad_fn = self._grad_fn()
+        self._micro = mx.compile(grad_fn, inputs=state, outputs=state) if self.compile else grad_fn
+        self._apply_fn = mx.compile(self._apply, inputs=state, outputs=state) if self.compile else self._apply
+
+    def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
+        with atomic_output_dir(folder) as tmp:
+            mx.save_safetensors(str(tmp / ADAPTERS_FILE), dict(tree_flatten(self.model.trainable_parameters())))
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+            if self.adapter_config is not None:
+                (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(self.adapter_config, indent=2))
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+    def load_checkpoint(self, folder: Path) -> dict[str, Any]:
+        """Restore what `save_checkpoint` wrote; returns its state. CheckpointError naming a file that does not fit."""
+        state = read_json(folder / "state.json")
+        if not isinstance(state.get("step"), int) or isinstance(state["step"], bool) or state["step"] < 0:
+            raise CheckpointError(f'{folder / "state.json"}: "step" must be a non-negative integer')
+        weights = load_safetensors(require_regular_file(folder / ADAPTERS_FILE))
+        expected = dict(tree_flatten(self.model.trainable_parameters()))
+        if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
+            raise CheckpointError(f"{folder / ADAPTERS_FILE}: adapters do not fit this run's settings")
+        opt_flat = load_safetensors(require_regular_file(folder / "optimizer.safetensors"))
+        current = dict(tree_flatten(self.optimizer.state))
+        if set(opt_flat) != set(current) or any(opt_flat[k].shape != current[k].shape for k in current):
+            raise CheckpointError(f"{folder / 'optimizer.safetensors'}: optimizer state does not fit this run")
+        self.model.load_weights(list(weights.items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(opt_flat.items()))
+        self._build()
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        return state
+
+
+def prepare_adapter_folder(out: Path, config: LoraConfig) -> Path | None:
+    """Apply the run-folder rules to the adapter folder; return the checkpoint to resume from, if any.
+
+    A folder holding an earlier run is refused unless `resume` or `overwrite` (its run files go; anything
+    else stays). Raises OptionError.
+    """
+    if out.exists() and not out.is_dir():
+        raise OptionError("adapter_path", f"{out} exists and is not a folder")
+    for tmp in (out / CHECKPOINTS).glob(".step_*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if config.resume:
+        found = checkpoints(out / CHECKPOINTS)
+        if not found:
+            raise OptionError("resume", f"found no checkpoint in {out / CHECKPOINTS} to continue from")
+        return found[-1]
+    used = [name for name in RUN_FILES if (out / name).exists()]
+    if used and not config.overwrite:
+        raise OptionError(
+            "adapter_path",
+            f"{out} holds an earlier run ({', '.join(used)}): resume it, or overwrite it to start afresh",
+        )
+    for name in used:
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    return None
+
+
+def load_splits(config: LoraConfig, tokenizer: Any, max_seq_len: int) -> dict[str, FinetuneData]:
+    """train (required), valid and test (when present and needed) of the data folder."""
+    folder = Path(config.data)
+    if not folder.is_dir():
+        raise OptionError("data", f"{folder} is not a folder (expected train.jsonl, valid.jsonl, test.jsonl)")
+    wanted = ["train", "valid"] + (["test"] if config.test else [])
+    splits = {}
+    for name in wanted:
+        path = folder / f"{name}.jsonl"
+        if name == "train" or path.exists():
+            splits[name] = load_split(path, tokenizer, max_seq_len, config.mask_prompt)
+    if config.test and "test" not in splits:
+        raise OptionError("test", f"{folder / 'test.jsonl'} does not exist")
+    return splits
+
+
+def total_steps(config: LoraConfig, n_train: int, world: int = 1) -> int:
+    """`iters`, or the steps of `epochs` (default 3) passes over `n_train` examples."""
+    if config.iters is not None:
+        return config.iters
+    per_step = config.batch_size * config.grad_accum * world
+    return max(1, math.ceil((config.epochs or 3.0) * n_train / per_step))
+
+
+def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array) -> tuple[mx.array, mx.array]:
+    """`lm_loss` over the tokens whose weight is 1 (padding and, with mask_prompt, prompts excluded)."""
+    return lm_loss(model, inputs, targets, weights)
+
+
+def eval_loss(model: nn.Module, *batch: mx.array) -> tuple[mx.array, mx.array]:
+    """`masked_loss` with dropout off."""
+    model.eval()
+    try:
+        return masked_loss(model, *batch)
+    finally:
+        model.train()
+
+
+def _check_resume(state: dict[str, Any], expected: dict[str, Any], folder: Path) -> None:
+    saved = state.get("adapter_config")
+    keys = ("fine_tune_type", "num_layers", "lora_parameters")
+    if isinstance(saved, dict) and any(saved.get(k) != expected[k] for k in keys):
+        raise OptionError("resume", f"{folder} was made with other adapter settings ({saved['lora_parameters']})")
+
+
+def finetune(config: LoraConfig, progress: bool = True, model: Any = None, tokenizer: Any = None) -> dict[str, float]:
+    """Train adapters on `config.data` and save them in `config.adapter_path` (rank 0 writes).
+
+    `model`/`tokenizer` default to loading `config.model`. Returns the final metrics (step, loss,
+    val_loss, and test_loss / test_perplexity with `config.test`).
+    """
+    from .io import load
+
+    group = mx.distributed.init()
+    rank, world = group.rank(), group.size()
+    out = Path(config.adapter_path)
+    if model is None:
+        model, tokenizer = load(config.model, config.tokenizer)
+    max_seq_len = config.max_seq_len or model.config.max_context_length
+    splits = load_splits(config, tokenizer, max_seq_len)
+    ckpt = prepare_adapter_folder(out, config) if rank == 0 else None
+    steps = total_steps(config, len(splits["train"]), world)
+    mx.random.seed(config.seed)
+    add_adapters(model, num_adapted_layers(config, model), lora_parameters(config), config.dora)
+    model.train()
+    if config.grad_checkpoint:
+        enable_grad_checkpoint(model)
+    trainer = _make_trainer(config, model, steps, group if world > 1 else None)
+    if world > 1:
+        ckpt = ckpt or (checkpoints(out / CHECKPOINTS)[-1] if config.resume else None)
+    start = 0
+    if ckpt is not None:
+        state = trainer.load_checkpoint(ckpt)
+        _check_resume(state, trainer.adapter_config, ckpt)
+        start = state["step"]
+    if start >= steps:
+        raise OptionError("iters", f"{steps} steps is not past the checkpoint's step {start}; nothing to do")
+    metrics = _fit(config, trainer, splits, steps, start, rank, world, progress)
+    if rank == 0:
+        settings = json.dumps({k: v for k, v in asdict(config).items()}, indent=2)
+        save_adapters(model, out, trainer.adapter_config, {"train_config.json": settings})
+    if config.test:
+        metrics["test_loss"] = trainer.evaluate(splits["test"].eval_batches(config.batch_size))
+        metrics["test_perplexity"] = math.exp(min(metrics["test_loss"], 700.0))
+    model.eval()
+    return metrics
+
+
+def _make_trainer(config: LoraConfig, model: nn.Module, steps: int, group: Any) -> AdapterTrainer:
+    opt = OptimizerConfig(
+        lr=config.lr, steps=steps, warmup=config.warmup, min_lr=config.min_lr, weight_decay=config.weight_decay
+    )
+    return AdapterTrainer(
+        model,
+        masked_loss,
+        make_optimizer(opt),
+        grad_clip=config.grad_clip,
+        group=group,
+        eval_loss_fn=eval_loss,
+        adapter_config=adapter_config(config, model),
+    )
+
+
+def _fit(
+    config: LoraConfig,
+    trainer: AdapterTrainer,
+    splits: dict[str, FinetuneData],
+    steps: int,
+    start: int,
+    rank: int,
+    world: int,
+    progress: bool,
+) -> dict[str, float]:
+    out, train, ga = Path(config.adapter_path), splits["train"], config.grad_accum
+    if rank == 0:
+        truncate_log(out / "log.jsonl", start)
+
+    def batches(step: int) -> list[tuple[mx.array, ...]]:
+        mx.random.seed(config.seed * 1_000_003 + step + 1)  # dropout masks depend on (seed, step) only: exact resume
+        return [
+            tuple(map(mx.array, train.batch(step * ga + i, config.seed, config.batch_size, rank, world)))
+            for i in range(ga)
+        ]
+
+    val = splits["valid"].eval_batches(config.batch_size, config.val_batches) if "valid" in splits else []
+    logger = Logger(out / "log.jsonl", steps, start, enabled=rank == 0, progress=progress)
+    state_fn = lambda step: {"step": step, "seed": config.seed, "adapter_config": trainer.adapter_config}  # noqa: E731
+    callbacks = [
+        Evaluate(val, config.val_every, steps),
+        logger,
+        Checkpointer(out / CHECKPOINTS, config.save_every, steps, 2, state_fn, enabled=rank == 0),
+    ]
+    try:
+        metrics = trainer.fit(batches, steps, start, callbacks)
+    finally:
+        logger.close()
+    if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+        raise OptionError("lr", f"training diverged (loss {metrics['loss']}); the adapters were not saved: lower lr")
+    return metrics
+
+
+def probe_tokens(vocab_size: int, seed: int = 0) -> mx.array:
+    """A fixed (2, 24) batch of token ids for checking a fused model."""
+    return mx.array(np.random.default_rng(seed).integers(3, max(4, vocab_size), (2, 24)).astype(np.int32))
+
+
+def fuse_model(
+    model_path: str | Path,
+    adapter_path: str | Path,
+    output: str | Path,
+    dequantize: bool = False,
+    tokenizer: str | Path | None = None,
+    force: bool = False,
+) -> dict[str, float]:
+    """Load a model, apply and fuse the adapters in `adapter_path`, check, and save a normal model folder."""
+    from .io import load, save
+
+    model, tok = load(model_path, tokenizer)
+    load_adapters(model, adapter_path)
+    result = fuse_adapters(model, probe_tokens(tok.vocab_size), dequantize)
+    save(model, output, tokenizer=tok, force=force)
+    return result
