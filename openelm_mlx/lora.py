@@ -4,9 +4,7 @@ into the one model, training on the shared `Trainer`, mlx-lm's adapter folder fo
 from __future__ import annotations
 
 import json
-import logging
 import math
-import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from .fs import atomic_output_dir, require_regular_file
 from .io import read_json
 from .quantize import QUANTIZED
 from .train import (
+    CHECKPOINTS,
     Checkpointer,
     Evaluate,
     Logger,
@@ -34,6 +33,7 @@ from .train import (
     enable_grad_checkpoint,
     lm_loss,
     make_optimizer,
+    prepare_run_folder,
     truncate_log,
 )
 from .weights import load_safetensors
@@ -41,7 +41,6 @@ from .weights import load_safetensors
 ADAPTERS_FILE = "adapters.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
 RUN_FILES = (ADAPTERS_FILE, ADAPTER_CONFIG_FILE, "train_config.json", "log.jsonl", CHECKPOINTS)
 # target name -> mlx-lm key: relative to a decoder layer, or the full path for the embedding
 TARGETS = {
@@ -69,7 +68,6 @@ PAPER_RECIPE: dict[str, Any] = {
 }
 RECIPES = {"paper": PAPER_RECIPE}
 FUSE_TOLERANCE = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 3e-2}  # relative, by weight dtype
-log = logging.getLogger("openelm_mlx")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -407,29 +405,8 @@ class AdapterTrainer(Trainer):
 
 
 def prepare_adapter_folder(out: Path, config: LoraConfig) -> Path | None:
-    """Apply the run-folder rules to the adapter folder; return the checkpoint to resume from, if any.
-
-    A folder holding an earlier run is refused unless `resume` or `overwrite` (its run files go; anything
-    else stays). Raises OptionError.
-    """
-    if out.exists() and not out.is_dir():
-        raise OptionError("adapter_path", f"{out} exists and is not a folder")
-    for tmp in (out / CHECKPOINTS).glob(".step_*.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    if config.resume:
-        found = checkpoints(out / CHECKPOINTS)
-        if not found:
-            raise OptionError("resume", f"found no checkpoint in {out / CHECKPOINTS} to continue from")
-        return found[-1]
-    used = [name for name in RUN_FILES if (out / name).exists()]
-    if used and not config.overwrite:
-        raise OptionError(
-            "adapter_path",
-            f"{out} holds an earlier run ({', '.join(used)}): resume it, or overwrite it to start afresh",
-        )
-    for name in used:
-        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-    return None
+    """The training run-folder rules (`train.prepare_run_folder`) applied to the adapter folder."""
+    return prepare_run_folder(out, RUN_FILES, config.resume, config.overwrite, "adapter_path")
 
 
 def load_splits(config: LoraConfig, tokenizer: Any, max_seq_len: int) -> dict[str, FinetuneData]:

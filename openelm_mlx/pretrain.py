@@ -6,11 +6,9 @@ Also trains a SentencePiece tokenizer with OpenELM's special ids.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +26,7 @@ from .io import parse_dtype, save
 from .model import Model
 from .tokenizer import Tokenizer
 from .train import (
+    CHECKPOINTS,
     Checkpointer,
     Evaluate,
     Logger,
@@ -37,12 +36,11 @@ from .train import (
     enable_grad_checkpoint,
     lm_loss,
     make_optimizer,
+    prepare_run_folder,
     truncate_log,
 )
 
-CHECKPOINTS = "checkpoints"
 MIN_VOCAB = 260  # 256 byte pieces, unk, BOS, EOS and at least one merge
-log = logging.getLogger("openelm_mlx")
 
 
 def init_weights(model: Model, seed: int) -> None:
@@ -181,40 +179,6 @@ class PretrainConfig:
 RUN_FILES = ("log.jsonl", "train_config.json", CHECKPOINTS)
 
 
-def prepare_run_folder(out: Path, run: PretrainConfig) -> Path | None:
-    """Apply the run-folder rules; return the checkpoint to resume from, if any.
-
-    A folder holding an earlier run is refused unless `resume` (continue it) or `overwrite` (its run
-    files go; anything else in the folder stays). Temporaries of a killed checkpoint write are removed.
-
-    Raises:
-        OptionError: a used folder without resume/overwrite, or resume with no checkpoint.
-    """
-    used = [name for name in (*RUN_FILES, "config.json") if (out / name).exists()]
-    stale = list((out / CHECKPOINTS).glob(".step_*.tmp-*"))
-    for tmp in stale:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if stale:
-        log.warning("%s: removed %d unfinished checkpoint(s) of an interrupted run", out / CHECKPOINTS, len(stale))
-    if run.resume:
-        found = checkpoints(out / CHECKPOINTS)
-        if not found:
-            raise OptionError("resume", f"found no checkpoint in {out / CHECKPOINTS} to continue from")
-        return found[-1]
-    if used and not run.overwrite:
-        raise OptionError(
-            "out",
-            f"{out} holds an earlier run ({', '.join(used)}): resume it, or overwrite it to start afresh",
-        )
-    for name in RUN_FILES:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    return None
-
-
 def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) -> dict[str, float]:
     """Train `config` from scratch (or resume) on `run.data`; the final model is saved in `run.out`.
 
@@ -235,7 +199,7 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
             "tokenizer",
             f"{run.tokenizer} has {tokenizer.vocab_size} pieces but the model's vocab_size is {config.vocab_size}",
         )
-    ckpt = prepare_run_folder(out, run) if rank == 0 else None
+    ckpt = prepare_run_folder(out, RUN_FILES, run.resume, run.overwrite, "out", ("config.json",)) if rank == 0 else None
     data = _prepare_data(run, tokenizer, out, rank, world, group)
 
     model = Model(config)

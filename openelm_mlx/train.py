@@ -7,6 +7,7 @@ data parallelism through `mx.distributed`, and atomic, exactly-resumable checkpo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import shutil
@@ -22,12 +23,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OptionError
 from .fs import atomic_output_dir, require_regular_file
 from .weights import load_safetensors
 
 Batch = tuple[mx.array, ...]
 LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (loss, n_tokens)
+CHECKPOINTS = "checkpoints"
+log = logging.getLogger("openelm_mlx")
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,44 @@ class Checkpointer:
         trainer.save_checkpoint(self.folder / f"step_{step:08d}", self.state_fn(step))
         for old in checkpoints(self.folder)[: -self.keep]:
             shutil.rmtree(old)
+
+
+def prepare_run_folder(
+    out: Path, run_files: Sequence[str], resume: bool, overwrite: bool, option: str, used_marks: Sequence[str] = ()
+) -> Path | None:
+    """The run-folder rules of every training command; returns the checkpoint to resume from, if any.
+
+    A folder holding an earlier run (any of `run_files` or `used_marks`) is refused unless `resume`
+    (continue from its newest complete checkpoint) or `overwrite` (its `run_files` go; anything else
+    stays). Temporaries of a killed checkpoint write are removed, with a warning.
+
+    Raises:
+        OptionError: `out` is a file, a used folder without resume/overwrite, or resume with no checkpoint.
+    """
+    if out.exists() and not out.is_dir():
+        raise OptionError(option, f"{out} exists and is not a folder")
+    stale = list((out / CHECKPOINTS).glob(".step_*.tmp-*"))
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if stale:
+        log.warning("%s: removed %d unfinished checkpoint(s) of an interrupted run", out / CHECKPOINTS, len(stale))
+    if resume:
+        found = checkpoints(out / CHECKPOINTS)
+        if not found:
+            raise OptionError("resume", f"found no checkpoint in {out / CHECKPOINTS} to continue from")
+        return found[-1]
+    used = [name for name in (*run_files, *used_marks) if (out / name).exists()]
+    if used and not overwrite:
+        raise OptionError(
+            option, f"{out} holds an earlier run ({', '.join(used)}): resume it, or overwrite it to start afresh"
+        )
+    for name in run_files:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    return None
 
 
 def checkpoints(folder: Path) -> list[Path]:
