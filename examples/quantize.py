@@ -1,28 +1,31 @@
-"""Quantize a model in memory with MLX's `nn.quantize`, save it, and compare it with the float model.
+"""Quantize a model in memory (round to nearest and a mixed recipe), save it, and measure perplexity and KL.
 
-python examples/quantize.py [MODEL]   # default: the bundled demo model
+python examples/quantize.py [MODEL]   # default: the bundled demo model, scored on a few built-in sentences
 """
 
 import sys
 import tempfile
 
-import mlx.core as mx
-
 from openelm_mlx import load, save
 from openelm_mlx.demo import DEMO_DIR
-from openelm_mlx.generate import generate
-from openelm_mlx.quantize import bits_per_weight, quantize_model
+from openelm_mlx.eval import make_windows, mean_kl, perplexity
+from openelm_mlx.quantize import BUILTIN_TEXT, QuantRecipe, bits_per_weight, mixed_recipe, quantize_model
 
 path = sys.argv[1] if len(sys.argv) > 1 else DEMO_DIR
 model, tokenizer = load(path)
-quantized, _ = load(path)
-left_float = quantize_model(quantized, bits=8, group_size=64)
-print(f"{bits_per_weight(quantized):.2f} bits per weight; layers left in float: {left_float or 'none'}")
+windows = make_windows(tokenizer.encode(BUILTIN_TEXT, add_bos=False), 64, tokenizer.bos_id)
+print(f"float: perplexity {perplexity(model, windows).perplexity:.2f}")
 
-ids = mx.array([tokenizer.encode("ROMEO: What light")])
-gap = mx.abs(model(ids) - quantized(ids)).max().item()
-print(f"largest logit difference, 8-bit vs float: {gap:.4f}")
+for name in ("4-bit", "mixed_3_6"):
+    quantized, _ = load(path)
+    recipe = QuantRecipe(4, 64) if name == "4-bit" else mixed_recipe(name, quantized, 64)
+    left_float = quantize_model(quantized, recipe=recipe)
+    print(
+        f"{name}: {bits_per_weight(quantized):.2f} bits per weight, "
+        f"perplexity {perplexity(quantized, windows).perplexity:.2f}, "
+        f"KL from float {mean_kl(model, quantized, windows):.4f}; layers left in float: {left_float or 'none'}"
+    )
 
 out = tempfile.mkdtemp()
-save(quantized, out, tokenizer=tokenizer)  # config.json records {"quantization": {"bits": 8, ...}}
-print(generate(load(out)[0], tokenizer, "ROMEO:", max_tokens=24))
+save(quantized, out, tokenizer=tokenizer, force=True)  # config.json records bits, group size and overrides
+print(f"saved to {out}; reloaded perplexity {perplexity(load(out)[0], windows).perplexity:.2f}")

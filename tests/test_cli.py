@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from openelm_mlx.cli import app
 
-COMMANDS = ["generate", "chat", "convert", "export", "train-tokenizer", "pretrain", "serve", "lora", "fuse"]
+COMMANDS = ["generate", "chat", "convert", "export", "train-tokenizer", "pretrain", "serve", "lora", "fuse", "quantize", "perplexity"]
 
 
 def test_top_level_help_lists_every_command():

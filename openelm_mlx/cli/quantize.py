@@ -1,0 +1,91 @@
+"""`quantize` and `perplexity`: thin commands over `openelm_mlx.quantize` and `openelm_mlx.eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._app import app, user_errors
+
+
+@app.command()
+def quantize(
+    src: Annotated[Path, typer.Argument(help="A float MLX model folder (or, with --dequantize, a quantized one).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output model folder.")],
+    bits: Annotated[int, typer.Option(help="Bits per weight: 2, 3, 4, 5, 6 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Quantization group size: 32, 64 or 128.")] = 64,
+    recipe: Annotated[
+        str | None, typer.Option(help="Mixed precision: mixed_3_6 or mixed_4_6 (6 bits for sensitive parts).")
+    ] = None,
+    target_bpw: Annotated[
+        float | None, typer.Option(help="Allocate bits per layer from measured sensitivity (needs --calib).")
+    ] = None,
+    method: Annotated[str, typer.Option(help="rtn (round to nearest) or gptq (needs --calib).")] = "rtn",
+    calib: Annotated[list[Path] | None, typer.Option(help="Calibration text (.txt/.jsonl); repeatable.")] = None,
+    embedding_bits: Annotated[
+        str | None, typer.Option(help="Bits for the embedding and tied output head, or 'float'.")
+    ] = None,
+    eval: Annotated[
+        list[Path] | None, typer.Option("--eval", help="Text to report perplexity before/after and KL on.")
+    ] = None,
+    seq_len: Annotated[int, typer.Option(help="Window length for calibration and evaluation.")] = 256,
+    num_samples: Annotated[int, typer.Option(help="Windows of calibration/evaluation text to use.")] = 32,
+    dequantize: Annotated[bool, typer.Option(help="Turn a quantized model back to float.")] = False,
+    force: Annotated[bool, typer.Option(help="Write into a folder openelm-mlx did not create.")] = False,
+) -> None:
+    """Quantize a model (MLX affine: uniform, mixed recipes, a bits-per-weight target, or GPTQ)."""
+    from ..quantize import QuantizeOptions, dequantize_folder, quantize_folder
+
+    with user_errors():
+        if dequantize:
+            report = dequantize_folder(src, output, force=force)
+            typer.echo(f"wrote {report.output}: float, {report.bytes_on_disk / 1e6:.2f} MB in {report.seconds:.1f}s")
+            return
+        opts = QuantizeOptions(
+            bits, group_size, recipe, target_bpw, method, tuple(map(str, calib or ())), embedding_bits,
+            tuple(map(str, eval or ())), seq_len, num_samples,
+        )  # fmt: skip
+        report = quantize_folder(src, output, opts, force=force, progress=True)
+        _print_report(report)
+
+
+def _print_report(report) -> None:
+    """The quantize summary: size, notes, per-module overrides, quality."""
+    typer.echo(
+        f"wrote {report.output}: {report.bits_per_weight:.3f} bits per weight, "
+        f"{report.bytes_on_disk / 1e6:.2f} MB in {report.seconds:.1f}s"
+    )
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    for layer in report.float_layers:
+        typer.echo(f"note: {layer} stays float (its width is not a multiple of its group size)")
+    overrides = {k: v for k, v in (report.quantization or {}).items() if isinstance(v, dict)}
+    for path, s in overrides.items():
+        typer.echo(f"  {path}: {s['bits']} bits, group {s['group_size']}")
+    if report.perplexity_after is not None:
+        typer.echo(
+            f"perplexity {report.perplexity_before:.3f} -> {report.perplexity_after:.3f}, "
+            f"mean KL from float {report.kl:.5f} nats/token"
+        )
+
+
+@app.command()
+def perplexity(
+    model: Annotated[Path, typer.Option(help="MLX model folder (float or quantized).")],
+    data: Annotated[list[Path], typer.Option(help="Text (.txt/.jsonl) to score; repeatable.")],
+    seq_len: Annotated[int, typer.Option(help="Tokens scored per window (each window starts with BOS).")] = 256,
+    num_samples: Annotated[int | None, typer.Option(help="Windows to use, evenly spaced (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+) -> None:
+    """Perplexity of a model on text."""
+    from ..eval import perplexity as run_perplexity
+    from ..eval import text_windows
+    from ..io import load
+
+    with user_errors():
+        lm, tok = load(model)
+        windows = text_windows(tok, [str(p) for p in data], seq_len, num_samples)
+        r = run_perplexity(lm, windows, batch_size, progress=True)
+        typer.echo(f"perplexity {r.perplexity:.3f} (loss {r.nll:.4f}) over {r.tokens} tokens in {r.windows} windows")

@@ -1,0 +1,102 @@
+"""Language-model quality on text: token windows with BOS, perplexity, and the KL divergence of one
+model's next-token distribution from another's (the float model's, for quantization)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from tqdm import tqdm
+
+from .data import read_documents
+from .errors import DataError, check_range
+
+
+@dataclass
+class Perplexity:
+    """Perplexity over `tokens` scored tokens in `windows` windows; `nll` is the mean loss (nats)."""
+
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+
+
+def read_tokens(tokenizer: Any, paths: Sequence[str | Path]) -> list[int]:
+    """Token ids of the documents in `paths` (no BOS; EOS between documents).
+
+    Raises:
+        DataError: naming the file when it is missing, empty, binary or bad JSONL.
+    """
+    ids: list[int] = []
+    for doc in read_documents(paths):
+        if ids:
+            ids.append(tokenizer.eos_id)
+        ids.extend(tokenizer.encode(doc, add_bos=False))
+    return ids
+
+
+def make_windows(
+    tokens: Sequence[int], seq_len: int, bos_id: int, num_samples: int | None = None, source: str = "text"
+) -> mx.array:
+    """Non-overlapping windows `[BOS, t_1 .. t_seq_len]`, shape (N, seq_len + 1); every t_i is scored.
+
+    Args:
+        num_samples: keep this many windows, evenly spaced over the text (default: all).
+
+    Raises:
+        DataError: naming `source` when it holds fewer than 2 tokens.
+    """
+    check_range("seq_len", seq_len, 1, integer=True)
+    check_range("num_samples", num_samples, 1, integer=True)
+    if len(tokens) < 2:
+        raise DataError(f"{source}: {len(tokens)} tokens is too few to measure perplexity")
+    seq_len = min(seq_len, len(tokens))
+    n = len(tokens) // seq_len
+    body = np.asarray(tokens[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    if num_samples is not None and num_samples < n:
+        body = body[np.linspace(0, n - 1, num=num_samples).astype(np.int64)]
+    return mx.array(np.concatenate([np.full((len(body), 1), bos_id, np.int32), body], axis=1))
+
+
+def text_windows(tokenizer: Any, paths: Sequence[str | Path], seq_len: int, num_samples: int | None = None) -> mx.array:
+    """`make_windows` over the documents in `paths`."""
+    return make_windows(read_tokens(tokenizer, paths), seq_len, tokenizer.bos_id, num_samples, str(paths[0]))
+
+
+def _batches(windows: mx.array, batch_size: int, progress: bool, desc: str):
+    check_range("batch_size", batch_size, 1, integer=True)
+    starts = range(0, len(windows), batch_size)
+    for s in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+        yield windows[s : s + batch_size]
+
+
+def perplexity(model: nn.Module, windows: mx.array, batch_size: int = 8, progress: bool = False) -> Perplexity:
+    """Perplexity of `model` on `windows` (from `make_windows`); a tqdm bar on stderr with `progress`."""
+    total, count = 0.0, 0
+    for batch in _batches(windows, batch_size, progress, "perplexity"):
+        logits = model(batch[:, :-1]).astype(mx.float32)
+        loss = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
+        total += loss.item()
+        count += batch[:, 1:].size
+    nll = total / count
+    return Perplexity(math.exp(nll) if nll < 700 else math.inf, nll, count, len(windows))
+
+
+def mean_kl(
+    reference: nn.Module, model: nn.Module, windows: mx.array, batch_size: int = 8, progress: bool = False
+) -> float:
+    """Mean over tokens of KL(reference's next-token distribution || model's), in nats."""
+    total, count = 0.0, 0
+    for batch in _batches(windows, batch_size, progress, "KL divergence"):
+        p = nn.log_softmax(reference(batch[:, :-1]).astype(mx.float32), axis=-1)
+        q = nn.log_softmax(model(batch[:, :-1]).astype(mx.float32), axis=-1)
+        total += (mx.exp(p) * (p - q)).sum().item()
+        count += batch[:, 1:].size
+    return total / count
