@@ -1,9 +1,11 @@
 """Reading torch zip checkpoints (`pytorch_model.bin`, CoreNet `*.pt`) without torch and without
 running pickle code: a restricted unpickler rebuilds tensors from the zip's storages, nothing else.
 
-The file is hostile until proven otherwise: the pickle is scanned (without running it) for memo
-abuse and deep nesting before it is loaded, every zip entry's sizes are checked before it is read,
-and every tensor view is checked against its storage's real length before any view is made.
+The file is hostile until proven otherwise: only regular files are opened; the pickle is scanned
+(without running it) for memo abuse and keys that are unsafe to hash before it is loaded; every zip
+entry's sizes are checked before it is read, and only the bytes a tensor needs are read; every view
+is checked against its storage's real length before it is made. Errors name the file and the tensor,
+storage or entry, as one `CheckpointError` (a ValueError) the CLI prints as one line.
 """
 
 from __future__ import annotations
@@ -25,12 +27,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .tensors import LazyTensor
+from openelm_mlx.errors import CheckpointError
 
-try:  # the CLI prints CheckpointError (a ValueError) as one line; it moved to openelm_mlx.errors
-    from openelm_mlx.errors import CheckpointError
-except ImportError:
-    from openelm_mlx.io import CheckpointError
+from .tensors import LazyTensor
 
 # torch storage class name -> (numpy dtype used to hold the bytes, our dtype name)
 _STORAGES = {
@@ -45,11 +44,10 @@ _STORAGES = {
     "ByteStorage": (np.uint8, "uint8"),
     "BoolStorage": (np.bool_, "bool"),
 }
-_MAX_PICKLE = 8 << 20  # real data.pkl files are < 1 MiB, even with optimizer state
-_MAX_DEPTH = 200  # real checkpoints nest < 20 deep; deeper overflows C recursion (tuple hashing)
+_MAX_PICKLE = 4 << 20  # real data.pkl files are < 1 MiB with optimizer state; scanning 4 MiB takes ~3 s
+_MAX_DEPTH = 200  # real checkpoints nest < 20 deep
 _MAX_RATIO = 100  # float weights barely compress; more than this (above 1 MiB) is a zip bomb
 _MAX_DIMS = 32  # numpy's limit
-_MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # ops that fill a container
 _HASHED = {"SETITEM": slice(1, None, 2), "SETITEMS": slice(1, None, 2), "DICT": slice(0, None, 2)}
 _HASHED |= {"ADDITEMS": slice(1, None), "FROZENSET": slice(0, None)}  # which popped items get hashed
 _SCALARS = {"UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING"}
@@ -117,6 +115,19 @@ def _plain_key(x: Any) -> bool:
     return type(x) is str or (type(x) is int and -(2**31) <= x < 2**31)
 
 
+def _show(x: Any, inner: bool = False) -> str:
+    """A short repr of an untrusted value: a whole repr could be huge (a pickle can share one list
+    a million times), deeper than the recursion limit, or an int too long to print."""
+    if x is None or type(x) in (bool, float) or (type(x) is int and x.bit_length() <= 64):
+        return repr(x)
+    if type(x) is str:
+        return repr(x[:40])
+    if type(x) in (tuple, list) and len(x) <= 40 and not inner:
+        items = ", ".join(_show(i, True) for i in x) + ("," if len(x) == 1 and type(x) is tuple else "")
+        return f"({items})" if type(x) is tuple else f"[{items}]"
+    return f"<{type(x).__name__}>"
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, source: Path, file_size: int):
         super().__init__(io.BytesIO(data))
@@ -144,15 +155,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.budget -= len(items) if type(items) in (tuple, list) else 0
         ok = len(args) <= 1 and type(items) in (tuple, list) and self.budget >= 0
         if not (ok and (kind is tuple or all(map(_plain_key, items))) and (kind is not OrderedDict or not items)):
-            raise CorruptCheckpointError(f"{self.source}: data.pkl: refusing {kind.__name__}() of {args!r:.80}")
+            raise CorruptCheckpointError(f"{self.source}: data.pkl: refusing {kind.__name__}() of {_show(items)}")
         return kind(items)
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         ok = isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
-        if not (ok and type(pid[2]) in (str, int) and _is_count(pid[4])):
-            raise CorruptCheckpointError(f"{self.source}: unsupported persistent id {pid!r:.80}")
+        if not (ok and _plain_key(pid[2]) and _is_count(pid[4])):
+            raise CorruptCheckpointError(f"{self.source}: unsupported persistent id {_show(pid)}")
+        if len(str(pid[2])) > 64:  # torch's keys are "0", "1"...; each tensor's entry name repeats it
+            raise CorruptCheckpointError(f"{self.source}: storage key {_show(pid[2])} is too long")
         if pid[4] > self.file_size * _MAX_RATIO:  # itemsize >= 1: more bytes than the file could hold
-            raise CorruptCheckpointError(f"{self.source}: storage {pid[2]!r:.40} claims {pid[4]} elements")
+            raise CorruptCheckpointError(f"{self.source}: storage {pid[2]!r} claims {_show(pid[4])} elements")
         return _StorageRef(key=str(pid[2]), storage=pid[1], numel=pid[4])
 
 
@@ -165,7 +178,7 @@ def _errors(path: Path, what: str) -> Iterator[None]:
     except (CorruptCheckpointError, UnsafeCheckpointError):
         raise
     except Exception as e:
-        raise CorruptCheckpointError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
+        raise CorruptCheckpointError(f"{path}: cannot read {what} ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _open_regular(path: Path) -> BinaryIO:
@@ -210,16 +223,14 @@ def _read_entry(zf: zipfile.ZipFile, path: Path, size: int, info: zipfile.ZipInf
 
 
 def _scan(data: bytes, path: Path) -> None:
-    """Walk the pickle's opcodes without running them, tracking which object holds which. Refuse
-    memo indices no pickler writes (the unpickler would allocate them), dict keys and set elements
-    that are not plain keys, and cycles or nesting deeper than _MAX_DEPTH (C recursion)."""
-    stack: list[int] = []  # object ids (the index of the op that made it)
+    """Walk the pickle's opcodes without running them. Refuse memo indices no pickler writes (the
+    unpickler would allocate them), and dict keys or set elements that are not plain keys: hashing
+    a 100k-deep tuple overflows the C stack, and crafted hash collisions make inserts quadratic."""
+    stack: list[bool] = []  # per object on the unpickler's stack: is it a plain key?
     marks: list[int] = []
-    memo: dict[int, int] = {}
-    kids: dict[int, list[int]] = {}  # object -> objects it holds, over-approximated
-    plain: set[int] = set()  # objects that are plain keys
+    memo: dict[int, bool] = {}
     with _errors(path, "data.pkl"):
-        for n, (op, arg, pos) in enumerate(pickletools.genops(data)):
+        for op, arg, pos in pickletools.genops(data):
             if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
                 arg = len(memo) if op.name == "MEMOIZE" else arg
                 if not 0 <= arg <= len(memo):  # the pickler numbers its memo 0, 1, 2...
@@ -233,21 +244,13 @@ def _scan(data: bytes, path: Path) -> None:
                 stack.append(stack[-1])
             else:
                 popped = _pop(op, stack, marks)
-                if op.name in _HASHED and not plain.issuperset(popped[_HASHED[op.name]]):
+                if op.name in _HASHED and not all(popped[_HASHED[op.name]]):
                     raise CorruptCheckpointError(f"{path}: data.pkl: a key at byte {pos} is not a str or small int")
-                if op.name in _MUTATORS:
-                    kids.setdefault(popped[0], []).extend(popped[1:])
-                    stack.append(popped[0])
-                elif op.stack_after:
-                    stack.append(n)
-                    if popped:
-                        kids[n] = popped
-                    if op.name in _SCALARS and _plain_key(arg):
-                        plain.add(n)
-    _check_depth(kids, path)
+                if op.stack_after:  # a new object, or the container an APPEND... filled
+                    stack.append(op.name in _SCALARS and _plain_key(arg))
 
 
-def _pop(op: pickletools.OpcodeInfo, stack: list[int], marks: list[int]) -> list[int]:
+def _pop(op: pickletools.OpcodeInfo, stack: list[bool], marks: list[int]) -> list[bool]:
     """The objects `op` takes off the stack (from the last mark for APPENDS, TUPLE...)."""
     if pickletools.markobject in op.stack_before:  # APPENDS etc.: the list below the mark, then the items
         start = marks.pop() - op.stack_before.index(pickletools.markobject)
@@ -258,25 +261,6 @@ def _pop(op: pickletools.OpcodeInfo, stack: list[int], marks: list[int]) -> list
     popped = stack[start:]
     del stack[start:]
     return popped
-
-
-def _check_depth(kids: dict[int, list[int]], path: Path) -> None:
-    """Longest chain of holding in the object graph (iteratively: the graph is the attacker's)."""
-    depth: dict[int, int] = {}  # -1 while a node's children are being walked
-    for root in kids:
-        todo = [(root, False)]
-        while todo:
-            node, done = todo.pop()
-            if done:
-                depth[node] = 1 + max((depth.get(k, 1) for k in kids[node]), default=0)
-                if depth[node] > _MAX_DEPTH:
-                    raise CorruptCheckpointError(f"{path}: data.pkl nests deeper than {_MAX_DEPTH} levels")
-            elif depth.get(node) == -1:
-                raise CorruptCheckpointError(f"{path}: data.pkl holds a cycle")
-            elif node in kids and node not in depth:
-                depth[node] = -1
-                todo.append((node, True))
-                todo.extend((k, False) for k in kids[node])
 
 
 def _open_zip(f: BinaryIO, path: Path) -> zipfile.ZipFile:
@@ -332,23 +316,27 @@ def _materialize(obj: Any, z: _Zip, name: str, depth: int, done: dict[int, Any])
         return _lazy(obj, z, name)
     if not isinstance(obj, (dict, list, tuple)) or id(obj) in done:
         return done.get(id(obj), obj)
-    if depth > _MAX_DEPTH:  # _scan already refused this; kept so the recursion is bounded on its own
-        raise CorruptCheckpointError(f"{z.path}: {name!r:.80} nests deeper than {_MAX_DEPTH} levels")
+    if depth > _MAX_DEPTH:  # or a cycle: the recursion stays far from Python's limit
+        raise CorruptCheckpointError(f"{z.path}: data.pkl nests deeper than {_MAX_DEPTH} levels at {name!r}")
     if isinstance(obj, dict):
         for k, v in dict.items(obj):
             if isinstance(v, _TensorRef) and type(k) is not str:
                 raise CorruptCheckpointError(
-                    f"{z.path}: tensor key {k!r:.80} in {name or 'the top dict'!r} is not a string"
+                    f"{z.path}: tensor key {_show(k)} in {name or 'the top dict'!r} is not a string"
                 )
         kind = OrderedDict if isinstance(obj, OrderedDict) else dict
-        out = kind(
-            (k, _materialize(v, z, f"{name}.{k}" if name else str(k), depth + 1, done)) for k, v in dict.items(obj)
-        )
+        out = kind((k, _materialize(v, z, _child(name, k), depth + 1, done)) for k, v in dict.items(obj))
     else:
-        items = [_materialize(v, z, f"{name}[{i}]", depth + 1, done) for i, v in enumerate(obj)]
+        items = [_materialize(v, z, f"{name}[{i}]"[:200], depth + 1, done) for i, v in enumerate(obj)]
         out = tuple(items) if isinstance(obj, tuple) else items
     done[id(obj)] = out
     return out
+
+
+def _child(name: str, key: Any) -> str:
+    """`name.key`, for messages, cut short: a pickle can repeat one 4 MB key at every level."""
+    key = key[:60] if type(key) is str else _show(key)
+    return (f"{name}.{key}" if name else key)[:200]
 
 
 def _view(ref: _TensorRef, z: _Zip, name: str) -> tuple[_StorageRef, int, tuple, tuple, int]:
@@ -359,10 +347,10 @@ def _view(ref: _TensorRef, z: _Zip, name: str) -> tuple[_StorageRef, int, tuple,
         raise CorruptCheckpointError(f"{bad} _rebuild_tensor called without a storage")
     storage, offset, shape, stride = ref.args[:4]
     if not _is_count(offset):
-        raise CorruptCheckpointError(f"{bad} storage offset {offset!r:.40} is not a non-negative int")
+        raise CorruptCheckpointError(f"{bad} storage offset {_show(offset)} is not a non-negative int")
     for what, dims in (("shape", shape), ("stride", stride)):
         if type(dims) is not tuple or len(dims) > _MAX_DIMS or not all(_is_count(d) for d in dims):
-            raise CorruptCheckpointError(f"{bad} {what} {dims!r:.80} is not a tuple of non-negative ints")
+            raise CorruptCheckpointError(f"{bad} {what} {_show(dims)} is not a tuple of non-negative ints")
     if len(stride) != len(shape):
         raise CorruptCheckpointError(f"{bad} stride {stride} does not match shape {shape}")
     count = math.prod(shape)
@@ -390,10 +378,10 @@ def _lazy(ref: _TensorRef, z: _Zip, name: str) -> LazyTensor:
         with _errors(z.path, entry), _open_regular(z.path) as f, zipfile.ZipFile(f) as zf:
             info = zf.getinfo(entry)
             _check_entry(z.path, os.fstat(f.fileno()).st_size, info, storage.numel * item)  # may have changed
-            with zf.open(info) as s:  # read only [offset, end) of the storage, never the whole entry
+            with zf.open(info) as s:  # keep only [offset, end) of the storage: memory is the view's
                 s.seek(offset * item)
                 raw = s.read((end - offset) * item)
-                while s.read(1 << 20):  # drain the rest in bounded chunks so the CRC is checked
+                while s.read(1 << 20):  # read the rest in bounded chunks, so that the CRC is checked
                     pass
         if len(raw) != (end - offset) * item:
             raise CorruptCheckpointError(f"{z.path}: storage {entry} is truncated")
