@@ -5,7 +5,19 @@ from typer.testing import CliRunner
 
 from openelm_mlx.cli import app
 
-COMMANDS = ["generate", "chat", "convert", "export", "train-tokenizer", "pretrain", "serve", "lora", "fuse", "quantize", "perplexity"]
+COMMANDS = [
+    "generate",
+    "chat",
+    "convert",
+    "export",
+    "train-tokenizer",
+    "pretrain",
+    "serve",
+    "lora",
+    "fuse",
+    "quantize",
+    "perplexity",
+]
 
 
 def test_top_level_help_lists_every_command():

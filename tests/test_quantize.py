@@ -12,6 +12,7 @@ from conftest import random_model
 from typer.testing import CliRunner
 
 import openelm_mlx.cli.quantize  # noqa: F401  (registers the commands)
+from openelm_mlx.calibrate import allocate_bits, gptq_quantize, measure_sensitivity, pack
 from openelm_mlx.cli._app import app
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.demo import DEMO_DIR
@@ -22,12 +23,8 @@ from openelm_mlx.quantize import (
     BUILTIN_TEXT,
     QuantizeOptions,
     QuantRecipe,
-    allocate_bits,
     bits_per_weight,
-    gptq_quantize,
-    measure_sensitivity,
     mixed_recipe,
-    pack,
     planned_bits_per_weight,
     quantize_folder,
     quantize_model,
