@@ -278,6 +278,31 @@ class StopStrings:
         return out
 
 
+class TextStream:
+    """The text of a token stream: UTF-8-safe pieces, stop strings held back and cut, and the finish reason."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], config: GenerationConfig):
+        self.detok = tokenizer.detokenizer(strip_leading_space=starts_fresh(tokenizer, prompt_ids))
+        self.stops, self.max_tokens, self.n = StopStrings(config.stop), config.max_tokens, 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.stops.stopped
+
+    def add(self, token: int) -> str:
+        """The text that `token` completes (held back while it could still start a stop string)."""
+        self.n += 1
+        return self.stops.feed(self.detok.add_token(token))
+
+    def finish(self) -> tuple[str, str]:
+        """(the text still held back, the finish reason: "stop_string", "length" or "eos")."""
+        if self.stopped:
+            return "", "stop_string"
+        tail = self.stops.feed(self.detok.finalize())
+        tail += "" if self.stopped else self.stops.flush()
+        return tail, "stop_string" if self.stopped else "length" if self.n >= self.max_tokens else "eos"
+
+
 class _Stats:
     """Prompt and generation throughput: the clock restarts when the first token arrives."""
 
@@ -329,20 +354,18 @@ def stream_generate(
     config = resolve_config(config, settings)
     ids = encode_prompt(tokenizer, prompt, system, chat)
     _warn_if_too_long(model, ids)
-    detok = tokenizer.detokenizer(strip_leading_space=starts_fresh(tokenizer, ids))
-    stops, stats = StopStrings(config.stop), _Stats(len(ids))
+    text, stats = TextStream(tokenizer, ids, config), _Stats(len(ids))
     steps = token_steps(
         model, ids, config, eos_ids={tokenizer.eos_id}, draft_model=draft_model, prompt_cache=prompt_cache
     )
     for token, logprobs, from_draft in steps:
         stats.count()
-        text = stops.feed(detok.add_token(token))
-        if stops.stopped:
-            yield stats.step(text, token, from_draft, logprobs=logprobs, finish_reason="stop_string")
+        piece = text.add(token)
+        if text.stopped:
+            yield stats.step(piece, token, from_draft, logprobs=logprobs, finish_reason="stop_string")
             return
-        yield stats.step(text, token, from_draft, logprobs=logprobs)
-    tail = stops.feed(detok.finalize()) + ("" if stops.stopped else stops.flush())
-    reason = "stop_string" if stops.stopped else "length" if stats.n >= config.max_tokens else "eos"
+        yield stats.step(piece, token, from_draft, logprobs=logprobs)
+    tail, reason = text.finish()
     yield stats.step(tail, finish_reason=reason)
 
 
@@ -404,22 +427,15 @@ def generate_batch(
     if config.seed is not None:
         mx.random.seed(config.seed)
     sampler, processors = make_sampling(config)
-    answers: list[str] = []
-    stops = [StopStrings(config.stop) for _ in ids]
-    detoks = [tokenizer.detokenizer(strip_leading_space=starts_fresh(tokenizer, p)) for p in ids]
+    texts = [TextStream(tokenizer, row, config) for row in ids]
+    pieces: list[list[str]] = [[] for _ in ids]
 
-    def done(i: int, token: int) -> bool:  # feed one row's token; True once a stop string appeared
-        stops[i].feed(detoks[i].add_token(token))
-        return stops[i].stopped
+    def stopped(i: int, token: int) -> bool:  # decode one row's token as it arrives; True at a stop string
+        pieces[i].append(texts[i].add(token))
+        return texts[i].stopped
 
-    outputs = batch_token_ids(model, ids, config.max_tokens, sampler, tokenizer.eos_id, processors, done)
-    for i, out in enumerate(outputs):
-        detok = tokenizer.detokenizer(strip_leading_space=starts_fresh(tokenizer, ids[i]))
-        cut = StopStrings(config.stop)
-        text = "".join(cut.feed(detok.add_token(t)) for t in out)
-        text += cut.feed(detok.finalize()) + ("" if cut.stopped else cut.flush())
-        answers.append(text)
-    return answers
+    batch_token_ids(model, ids, config.max_tokens, sampler, tokenizer.eos_id, processors, stopped)
+    return ["".join(p) + t.finish()[0] for p, t in zip(pieces, texts)]
 
 
 def batch_token_ids(

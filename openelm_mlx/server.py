@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .errors import OpenELMError, OptionError
-from .generate import GenerationConfig, StopStrings, starts_fresh, token_steps
+from .generate import GenerationConfig, TextStream, token_steps
 
 log = logging.getLogger("openelm_mlx.server")
 
@@ -427,13 +427,11 @@ class Worker:
         ids, config = request.ids, request.config
         cache, cached = self._prefix_cache(ids)
         self._cache = None  # until _remember says what it holds
-        detok = tok.detokenizer(strip_leading_space=starts_fresh(tok, ids))
-        stops = StopStrings(config.stop)
+        text = TextStream(tok, ids, config)
         generated: list[int] = []
         steps = token_steps(
             self.model, ids[cached:], config, eos_ids={tok.eos_id}, draft_model=self.draft, prompt_cache=cache
         )
-        reason = "eos"
         try:
             for token, logprobs, _ in steps:
                 if job.cancelled.is_set():
@@ -443,21 +441,15 @@ class Worker:
                     raise ShuttingDown("the server is shutting down")
                 generated.append(token)
                 logprob = self._logprob(token, logprobs, request.top_logprobs) if request.logprobs else None
-                job.emit(Piece(stops.feed(detok.add_token(token)), logprob))
-                if stops.stopped:
-                    reason = "stop_string"
+                job.emit(Piece(text.add(token), logprob))
+                if text.stopped:
                     break
-            else:
-                reason = "length" if len(generated) >= config.max_tokens else "eos"
         finally:
             steps.close()
             self._cache = cache
-            self._remember(cache, ids + generated + ([tok.eos_id] if reason == "eos" else []))
-        tail = ""
-        if not stops.stopped:
-            tail = stops.feed(detok.finalize())
-            tail += "" if stops.stopped else stops.flush()
-            reason = "stop_string" if stops.stopped else reason
+            ended_on_eos = not text.stopped and len(generated) < config.max_tokens
+            self._remember(cache, ids + generated + ([tok.eos_id] if ended_on_eos else []))
+        tail, reason = text.finish()
         self.stats["served"] += 1
         self.stats["cached_tokens"] += cached
         job.emit(Done(tail, FINISH[reason], len(ids), len(generated), cached))

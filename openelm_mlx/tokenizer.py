@@ -38,18 +38,30 @@ def uses_chat_template(folder: Path | None, name: str = "") -> bool:
     return recorded if recorded is not None else "instruct" in name.lower()
 
 
+GENERATION_PROMPT = "<|assistant|>\n"
+
+
+def render_turn(message: Message, index: int = 0) -> str:
+    """One message of the Instruct template as text, `</s>` standing for EOS.
+
+    Raises:
+        OptionError: the message lacks a known role or a string content.
+    """
+    if (
+        not isinstance(message, dict)
+        or message.get("role") not in CHAT_ROLES
+        or not isinstance(message.get("content"), str)
+    ):
+        raise OptionError(
+            "messages", f"message {index} needs 'role' in {CHAT_ROLES} and a string 'content', got {message!r:.80}"
+        )
+    return f"<|{message['role']}|>\n{message['content']}{EOS_TEXT}\n"
+
+
 def render_chat(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
     """The Instruct prompt as text, `</s>` standing for EOS (BOS not included)."""
-    parts = []
-    for i, m in enumerate(messages):
-        if m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-            raise OptionError(
-                "messages", f"message {i} needs 'role' in {CHAT_ROLES} and a string 'content', got {m!r:.80}"
-            )
-        parts.append(f"<|{m['role']}|>\n{m['content']}{EOS_TEXT}\n")
-    if add_generation_prompt:
-        parts.append("<|assistant|>\n")
-    return "".join(parts)
+    text = "".join(render_turn(m, i) for i, m in enumerate(messages))
+    return text + GENERATION_PROMPT if add_generation_prompt else text
 
 
 class StreamingDetokenizer:
@@ -134,6 +146,15 @@ class Tokenizer:
             if chunk:
                 ids.extend(self.sp.encode(chunk))
         return ids
+
+    def token_text(self, token: int) -> tuple[str, bytes]:
+        """A token's own text and bytes (a byte-fallback piece is its one byte), e.g. for logprobs."""
+        piece = self.sp.id_to_piece(token)
+        if self.sp.is_byte(token):
+            raw = bytes([int(piece[3:5], 16)])
+            return raw.decode("utf-8", errors="backslashreplace"), raw
+        text = piece.replace("\u2581", " ")
+        return text, text.encode()
 
     def detokenizer(self, strip_leading_space: bool = True) -> StreamingDetokenizer:
         return StreamingDetokenizer(self.sp, strip_leading_space)
