@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +27,21 @@ from openelm_mlx.io import check_tokenizer, dtype_name, load_model, model_config
 from openelm_mlx.model import Model
 from openelm_mlx.quantize import QuantRecipe, bits_per_weight, quantize_model
 from openelm_mlx.tokenizer import TOKENIZER_FILE, Tokenizer, find_tokenizer, uses_chat_template
-from openelm_mlx.weights import INDEX_FILE, MAX_SHARD_BYTES, check_weights, read_index, write_shards, write_weights
+from openelm_mlx.weights import (
+    INDEX_FILE,
+    MAX_SHARD_BYTES,
+    check_weights,
+    merge_shards,
+    read_index,
+    write_shards,
+    write_weights,
+)
 
 from .tables import HF_TABLE, TABLES, detect_format, invert, map_state_dict
 from .tensors import LazyTensor, open_safetensors
 from .torch_zip import load_torch_zip
 
+log = logging.getLogger("openelm_mlx")
 HF_TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
 HF_BIN_FILES = ("config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.model")
 AUTO_MAP = {
@@ -80,28 +89,10 @@ def _read_file(path: Path) -> dict[str, LazyTensor]:
     require_regular_file(path)
     if path.name.endswith(".index.json"):
         shards = read_index(path)
-        state: dict[str, LazyTensor] = {}
-        for shard in sorted(set(shards.values())):
-            for name, tensor in _read_file(shard).items():
-                if name in state:
-                    raise CheckpointError(f"{shard}: tensor {name!r} is also in {state[name].source}")
-                if shards.get(name) != shard and name in shards:
-                    raise CheckpointError(
-                        f"{shard}: holds tensor {name!r}, which {path.name} places in {shards[name].name}"
-                    )
-                state[name] = tensor
-        missing = sorted(set(shards) - set(state))
-        if missing:
-            raise CheckpointError(f"{path}: lists tensor {missing[0]!r}, which {shards[missing[0]].name} lacks")
-        return state
+        return merge_shards(sorted(set(shards.values())), _read_file, shards, path)[0]
     if path.suffix == ".safetensors":
         return open_safetensors(path)
-    try:
-        return _torch_state(path)
-    except CheckpointError:
-        raise
-    except ValueError as e:  # the torch-zip reader names the file and entry
-        raise CheckpointError(str(e)) from None
+    return _torch_state(path)
 
 
 def open_source(src: str | Path) -> Source:
@@ -163,13 +154,13 @@ def _choose_dtype(requested: str | None, tensors: dict[str, LazyTensor], config:
     return dtype
 
 
-def _tokenizer_for(source: Source, tokenizer: str | None, chat: bool, log: Callable[[str], None]) -> Tokenizer | None:
+def _tokenizer_for(source: Source, tokenizer: str | None, chat: bool) -> Tokenizer | None:
     has_own = source.folder is not None and (source.folder / TOKENIZER_FILE).is_file()
     if tokenizer is None and not has_own:
-        log(
-            "warning: no tokenizer found (Apple's OpenELM repos ship none). Add one now with "
-            "`--tokenizer hf-internal-testing/llama-tokenizer` (or a local tokenizer.model), "
-            "or later by copying a tokenizer.model into the output folder."
+        log.warning(
+            "no tokenizer found (Apple's OpenELM repos ship none). Attach one now (the tokenizer setting: "
+            "hf-internal-testing/llama-tokenizer, or a local tokenizer.model), or later by copying a "
+            "tokenizer.model into the output folder."
         )
         return None
     return find_tokenizer(source.folder or Path("."), tokenizer, chat)
@@ -180,9 +171,8 @@ def _choose_vocab(
     config: OpenELMConfig,
     vocab_size: int | None,
     tok: Tokenizer | None,
-    log: Callable[[str], None],
 ) -> int:
-    """`--vocab-size`, else the tokenizer's size (dropping CoreNet's padding rows), else all rows."""
+    """`vocab_size`, else the tokenizer's size (dropping CoreNet's padding rows), else all rows."""
     if "transformer.token_embeddings.weight" not in tensors:
         sources = sorted({t.source for t in tensors.values()})
         raise CheckpointError(f"{', '.join(sources)}: missing tensor 'transformer.token_embeddings.weight'")
@@ -198,9 +188,10 @@ def _choose_vocab(
     if tok is not None and rows > tok.vocab_size:
         return tok.vocab_size
     if rows != config.vocab_size:
-        log(
-            f"warning: keeping all {rows} embedding rows (padded vocabulary); pass --vocab-size or --tokenizer "
-            "to drop the padding"
+        log.warning(
+            "keeping all %d embedding rows (padded vocabulary); give the vocabulary size or a tokenizer "
+            "to drop the padding",
+            rows,
         )
     return rows
 
@@ -220,7 +211,6 @@ def convert(
     force: bool = False,
     chat_template: bool | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
-    log: Callable[[str], None] = print,
 ) -> Report:
     """Convert a Hugging Face or CoreNet checkpoint into an MLX model folder.
 
@@ -237,8 +227,8 @@ def convert(
     config = _source_config(source, arch, arch_config)
     tensors = map_state_dict(source.tensors, TABLES[source.format], source.label)
     chat = chat_template if chat_template is not None else uses_chat_template(None, f"{src} {arch or ''}")
-    tok = _tokenizer_for(source, tokenizer, chat, log)
-    vocab = _choose_vocab(tensors, config, vocab_size, tok, log)
+    tok = _tokenizer_for(source, tokenizer, chat)
+    vocab = _choose_vocab(tensors, config, vocab_size, tok)
     config = dataclasses.replace(config, vocab_size=vocab)
     tensors = _resize_vocab(tensors, vocab)
     if tok is not None:

@@ -44,7 +44,7 @@ def read_arch_config(path: str | Path) -> OpenELMConfig:
             overrides = {k: v for k, v in gpt.items() if k in fields}
             return OpenELMConfig.from_preset(str(gpt["model_name"]), **overrides)
         return OpenELMConfig.from_dict(data)
-    except ValueError as e:
+    except (ValueError, TypeError, KeyError) as e:  # a field of the wrong type fails in the arithmetic
         raise ConfigError(f"{path}: {e}") from None
 
 

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OptionError
 
 OWNED_FILE = ".openelm-mlx-files.json"
 WEIGHT_PATTERN = "model*.safetensors"  # what loaders read as weights, so no stranger may stay beside ours
@@ -93,9 +93,10 @@ def check_writable(dest: Path, new_names_dir: Path, force: bool) -> None:
     ours = owned_files(dest)
     entries = {e.name for e in dest.iterdir()}
     if ours is None and entries and not force:
-        raise CheckpointError(
-            f"{dest}: folder exists and was not written by openelm-mlx; choose a new folder, or pass --force "
-            "(only files openelm-mlx writes are replaced, nothing else in the folder is touched)"
+        raise OptionError(
+            "force",
+            f"is needed to write into {dest}: the folder exists and was not written by openelm-mlx (or choose a new "
+            "folder; with force only files openelm-mlx writes are replaced, nothing else in the folder is touched)",
         )
     theirs = entries - (ours or set())
     clash = sorted(n for n in theirs & new_names if not _same_file(dest / n, new_names_dir / n))
@@ -132,7 +133,8 @@ def atomic_output_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
     not write is moved into the new one. On error nothing in `dest` changes.
 
     Raises:
-        CheckpointError: `dest` is a file, or a folder of someone else's without `force`.
+        CheckpointError: `dest` is a file, or holds an entry of someone else's where ours would go.
+        OptionError: `dest` is a folder of someone else's and `force` is not set.
     """
     dest = Path(dest).absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)

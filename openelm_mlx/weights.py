@@ -11,7 +11,7 @@ import math
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 from .errors import CheckpointError
 from .fs import require_regular_file
 
+T = TypeVar("T")
 MAX_SHARD_BYTES = 5 << 30
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 INDEX_FILE = "model.safetensors.index.json"
@@ -162,27 +163,43 @@ def load_safetensors(path: Path) -> dict[str, mx.array]:
         raise CheckpointError(f"{path}: could not be read ({e})") from None
 
 
-def read_weights(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
-    """All tensors of a model folder (lazily mapped) and the file each came from.
+def merge_shards(
+    files: list[Path],
+    read: Callable[[Path], dict[str, T]],
+    shards: dict[str, Path] | None = None,
+    index: Path | None = None,
+) -> tuple[dict[str, T], dict[str, Path]]:
+    """The tensors of several files and the file each came from; with a shard index, the index is obeyed.
 
     Raises:
-        CheckpointError: a tensor in two files, or in a shard the index does not name for it.
+        CheckpointError: a tensor in two files, a tensor in a shard the index does not place it in, or a
+            tensor the index lists that no shard holds.
     """
-    files, shards = weight_files(model_dir)
-    weights: dict[str, mx.array] = {}
+    state: dict[str, T] = {}
     sources: dict[str, Path] = {}
     for f in files:
-        for name, value in load_safetensors(f).items():
+        for name, value in read(f).items():
             if name in sources:
                 raise CheckpointError(f"{f}: tensor {name!r} is also in {sources[name]}")
             if shards is not None and shards.get(name) != f:
                 raise CheckpointError(f"{f}: holds tensor {name!r}, which the shard index does not place there")
-            if name not in UNUSED_KEYS:
-                weights[name], sources[name] = value, f
-    if shards is not None:
-        missing = sorted(set(shards) - set(sources) - UNUSED_KEYS)
-        if missing:
-            raise CheckpointError(f"{shards[missing[0]]}: lacks tensor {missing[0]!r}, which the shard index lists")
+            state[name], sources[name] = value, f
+    missing = sorted(set(shards or ()) - set(state))
+    if missing:
+        raise CheckpointError(f"{index}: lists tensor {missing[0]!r}, which {shards[missing[0]].name} lacks")
+    return state, sources
+
+
+def read_weights(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
+    """All tensors of a model folder (lazily mapped) and the file each came from.
+
+    Raises:
+        CheckpointError: see `merge_shards`.
+    """
+    files, shards = weight_files(model_dir)
+    weights, sources = merge_shards(files, load_safetensors, shards, Path(model_dir) / INDEX_FILE)
+    for name in UNUSED_KEYS & set(weights):
+        del weights[name], sources[name]
     return weights, sources
 
 

@@ -38,7 +38,7 @@ def _logits(path: Path) -> np.ndarray:
 def test_huggingface_formats_match_reference(source, tmp_path, fmt):
     weights, config, ref = source
     hf_folder(tmp_path / "hf", weights, config, fmt)
-    report = convert(tmp_path / "hf", tmp_path / "mlx", log=lambda m: None)
+    report = convert(tmp_path / "hf", tmp_path / "mlx")
     assert report.dtype == "float32" and report.tensors == len(weights)
     assert rel_error(_logits(tmp_path / "mlx"), ref) <= 1e-4
 
@@ -49,12 +49,12 @@ def test_untied_apple_checkpoint_drops_classifier(tmp_path):
     ref = reference_logits(weights, reference_config(config), TOKENS)
     weights["transformer.classifier.weight"] = np.zeros((3, 3), np.float32)
     hf_folder(tmp_path / "hf", weights, config.to_dict())
-    convert(tmp_path / "hf", tmp_path / "mlx", log=lambda m: None)
+    convert(tmp_path / "hf", tmp_path / "mlx")
     assert rel_error(_logits(tmp_path / "mlx"), ref) <= 1e-4
 
 
 @pytest.mark.parametrize("wrap", [None, "model_state_dict"])
-def test_corenet_checkpoints_with_padded_vocab(source, tmp_path, wrap):
+def test_corenet_checkpoints_with_padded_vocab(source, tmp_path, wrap, caplog):
     weights, config, ref = source
     state = corenet_state(weights, padded_vocab=CONFIG.vocab_size + 64)
     name = "training_checkpoint_last.pt" if wrap else "checkpoint_last.pt"
@@ -67,11 +67,10 @@ def test_corenet_checkpoints_with_padded_vocab(source, tmp_path, wrap):
             if k not in ("num_query_heads", "num_kv_heads", "architectures", "model_type")
         )
     )
-    messages = []
-    convert(tmp_path / name, tmp_path / "mlx", arch_config=arch, log=messages.append)
+    convert(tmp_path / name, tmp_path / "mlx", arch_config=arch)
     assert load_model(tmp_path / "mlx").config.vocab_size == CONFIG.vocab_size + 64  # padded, with a warning
-    assert any("padded vocabulary" in m for m in messages)
-    convert(tmp_path / name, tmp_path / "mlx2", arch_config=arch, vocab_size=CONFIG.vocab_size, log=messages.append)
+    assert "padded vocabulary" in caplog.text
+    convert(tmp_path / name, tmp_path / "mlx2", arch_config=arch, vocab_size=CONFIG.vocab_size)
     assert rel_error(_logits(tmp_path / "mlx2"), ref) <= 1e-4
 
 
@@ -87,7 +86,6 @@ def test_corenet_vocab_defaults_to_the_tokenizer_size(tmp_path, llama_tokenizer_
         tmp_path / "out",
         arch_config=tmp_path / "arch.json",
         tokenizer=str(llama_tokenizer_path),
-        log=lambda m: None,
     )
     model, tok = load(tmp_path / "out")
     assert model.config.vocab_size == 32000 and tok.vocab_size == 32000
@@ -100,7 +98,6 @@ def test_corenet_vocab_defaults_to_the_tokenizer_size(tmp_path, llama_tokenizer_
         arch_config=tmp_path / "arch.json",
         tokenizer=str(llama_tokenizer_path),
         chat_template=False,
-        log=lambda m: None,
     )
     assert not load(tmp_path / "base")[1].chat_template
 
@@ -110,7 +107,7 @@ def test_bfloat16_torch_checkpoint_keeps_its_dtype(source, tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     write_torch_zip(tmp_path / "hf" / "pytorch_model.bin", weights, dtype="bfloat16")
-    report = convert(tmp_path / "hf", tmp_path / "mlx", log=lambda m: None)
+    report = convert(tmp_path / "hf", tmp_path / "mlx")
     assert report.dtype == "bfloat16"
     assert rel_error(_logits(tmp_path / "mlx"), ref) <= 5e-2
 
@@ -118,7 +115,7 @@ def test_bfloat16_torch_checkpoint_keeps_its_dtype(source, tmp_path):
 def test_quantized_conversion_round_trips_the_in_memory_model(source, tmp_path):
     weights, config, _ = source
     hf_folder(tmp_path / "hf", weights, config)
-    report = convert(tmp_path / "hf", tmp_path / "q", quantize=True, q_bits=4, q_group_size=32, log=lambda m: None)
+    report = convert(tmp_path / "hf", tmp_path / "q", quantize=True, q_bits=4, q_group_size=32)
     saved = json.loads((tmp_path / "q" / "config.json").read_text())
     assert saved["quantization"]["bits"] == 4 and saved["quantization"]["group_size"] == 32
     assert 6.0 < report.bits_per_weight < 6.5  # 4 bits + float32 scale and bias per 32 weights, float norms
@@ -132,7 +129,7 @@ def test_quantized_conversion_round_trips_the_in_memory_model(source, tmp_path):
 def test_layers_the_group_size_does_not_divide_stay_float(source, tmp_path):
     weights, config, _ = source
     hf_folder(tmp_path / "hf", weights, config)
-    report = convert(tmp_path / "hf", tmp_path / "q", quantize=True, q_group_size=128, log=lambda m: None)
+    report = convert(tmp_path / "hf", tmp_path / "q", quantize=True, q_group_size=128)
     assert "transformer.layers.0.attn.qkv_proj" in report.float_layers  # model_dim 64 < 128
     assert load_model(tmp_path / "q")(mx.array([TOKENS])).shape == (1, len(TOKENS), CONFIG.vocab_size)
 
@@ -140,7 +137,7 @@ def test_layers_the_group_size_does_not_divide_stay_float(source, tmp_path):
 def test_hf_to_mlx_to_hf_is_bit_exact(source, tmp_path):
     weights, config, _ = source
     hf_folder(tmp_path / "hf", weights, config)
-    convert(tmp_path / "hf", tmp_path / "mlx", log=lambda m: None)
+    convert(tmp_path / "hf", tmp_path / "mlx")
     export(tmp_path / "mlx", tmp_path / "back")
     back = mx.load(str(tmp_path / "back" / "model.safetensors"))
     assert set(back) == set(weights)
@@ -189,17 +186,17 @@ def test_unknown_key_is_named(source, tmp_path):
     weights, config, _ = source
     hf_folder(tmp_path / "hf", {**weights, "transformer.layers.0.attn.rotary.inv_freq": np.ones(8)}, config)
     with pytest.raises(ValueError, match="unknown tensor 'transformer.layers.0.attn.rotary.inv_freq'"):
-        convert(tmp_path / "hf", tmp_path / "out", log=lambda m: None)
+        convert(tmp_path / "hf", tmp_path / "out")
 
 
 def test_existing_output_is_untouched_when_conversion_fails(source, tmp_path):
     weights, config, _ = source
     hf_folder(tmp_path / "hf", weights, config)
-    convert(tmp_path / "hf", tmp_path / "out", log=lambda m: None)
+    convert(tmp_path / "hf", tmp_path / "out")
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(ValueError):
-        convert(tmp_path / "hf", tmp_path / "out", log=lambda m: None)
+        convert(tmp_path / "hf", tmp_path / "out")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
@@ -215,10 +212,8 @@ def test_3b_float16_is_refused_without_force(tmp_path):
     weights = {k: np.zeros(v.shape, np.float32) for k, v in numpy_weights(random_model(config)).items()}
     hf_folder(tmp_path / "hf", weights, config.to_dict())
     with pytest.raises(ValueError, match="float16 overflows.*bfloat16.*force"):
-        convert(tmp_path / "hf", tmp_path / "out", dtype="float16", log=lambda m: None)
-    assert (
-        convert(tmp_path / "hf", tmp_path / "out", dtype="float16", force=True, log=lambda m: None).dtype == "float16"
-    )
+        convert(tmp_path / "hf", tmp_path / "out", dtype="float16")
+    assert convert(tmp_path / "hf", tmp_path / "out", dtype="float16", force=True).dtype == "float16"
 
 
 def test_hub_repo_converts_offline_from_a_prefilled_cache(tmp_path, monkeypatch, llama_tokenizer_path):
@@ -237,7 +232,7 @@ def test_hub_repo_converts_offline_from_a_prefilled_cache(tmp_path, monkeypatch,
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
-    convert("apple/OpenELM-tiny-Instruct", tmp_path / "mlx", log=lambda m: None)
+    convert("apple/OpenELM-tiny-Instruct", tmp_path / "mlx")
     assert rel_error(_logits(tmp_path / "mlx"), ref) <= 1e-4
     assert (tmp_path / "mlx" / "tokenizer.model").is_file()
     result = CliRunner().invoke(app, ["convert", "apple/not-cached", "-o", str(tmp_path / "x")])

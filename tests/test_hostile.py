@@ -53,7 +53,7 @@ def test_convert_refuses_a_folder_it_did_not_write_and_force_keeps_user_files(we
     (out / "notes.txt").write_text("mine")
     (out / "model-00001-of-00009.safetensors").write_bytes(b"my own shard")
     before = snapshot(out)
-    one_error(run("convert", tmp_path / "hf", "-o", out), str(out), "not written by openelm-mlx", "--force")
+    one_error(run("convert", tmp_path / "hf", "-o", out), "--force: is needed", str(out), "not written by openelm-mlx")
     assert snapshot(out) == before
     # A file that loaders would read as weights cannot stay beside ours: refused even with --force.
     one_error(
@@ -197,6 +197,18 @@ def test_config_fields_are_type_checked(tmp_path, tiny_model, field, value, mess
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, field: value}))
     with pytest.raises(CheckpointError, match="config.json: " + _escape(message)):
         load_model(tmp_path / "m")
+
+
+def test_arch_files_with_wrong_types_are_named(tmp_path):
+    arch = tmp_path / "arch.yaml"
+    arch.write_text(json.dumps({**OpenELMConfig.tiny().to_dict(), "model_dim": "abc", "num_query_heads": None}))
+    from openelm_mlx.arch import read_arch_config
+    from openelm_mlx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=str(arch)):
+        read_arch_config(arch)
+    args = ["pretrain", "--arch-config", arch, "--data", arch, "--tokenizer", arch, "--out", tmp_path / "run"]
+    one_error(run(*args), str(arch))
 
 
 def test_a_config_larger_than_its_weights_is_refused_before_building(tmp_path, tiny_model):

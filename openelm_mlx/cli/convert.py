@@ -55,7 +55,6 @@ def convert(
             q_group_size=q_group_size,
             force=force,
             chat_template=chat_template,
-            log=lambda m: typer.echo(m, err=True),
         )
         line = f"wrote {report.output}: {report.tensors} tensors, {report.dtype}, {report.bytes_on_disk / 1e6:.1f} MB"
         if report.bits_per_weight is not None:
