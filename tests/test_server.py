@@ -316,7 +316,9 @@ def test_generation_error_is_a_500_and_the_server_goes_on():
 
     from openelm_mlx.demo import DEMO_DIR
     from openelm_mlx.io import load
-    from openelm_mlx.server import Server, ServeSettings, Worker, bind
+    from openelm_mlx.server import Server, bind
+    from openelm_mlx.server_requests import ServeSettings
+    from openelm_mlx.server_worker import Worker
 
     flaky: list[FlakyModel] = []
 
@@ -375,13 +377,17 @@ def test_sigterm_stops_the_server_cleanly_even_mid_stream():
         (["--port", "70000"], "--port: must be <= 65535"),
         (["--max-tokens-limit", "0"], "--max-tokens-limit: must be >= 1"),
         (["--max-kv-size", "2"], "--max-kv-size: must be >= 8"),
-        (["--adapter-path", "a"], "--adapter-path: LoRA adapters are not available in this build"),
     ],
 )
-def test_serve_options_are_checked(args, message, monkeypatch):
-    monkeypatch.setitem(sys.modules, "openelm_mlx.lora", None)  # as if this build had no LoRA module
+def test_serve_options_are_checked(args, message):
     result = CliRunner().invoke(app, ["serve", *args])
     assert result.exit_code == 1 and message in result.output
+
+
+def test_bad_adapter_path_fails_at_load_naming_it(tmp_path):
+    missing = tmp_path / "missing"
+    result = CliRunner().invoke(app, ["serve", "--port", str(free_port()), "--adapter-path", str(missing)])
+    assert result.exit_code == 1 and f"{missing}: not an adapter folder" in result.output
 
 
 def test_taken_port_fails_before_loading():

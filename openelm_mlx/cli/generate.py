@@ -24,9 +24,15 @@ AdapterOpt = Annotated[
 CHAT_SETTINGS = ("max_tokens", "temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_kv_size")
 
 
-def load_for_generation(model: str | None, tokenizer: str | None, adapter_path: str | None = None) -> tuple[Any, Any]:
-    """The model and tokenizer to generate with (the bundled demo when `model` is None), adapters applied."""
+def load_for_generation(
+    model: str | None, tokenizer: str | None, adapter_path: str | None = None, draft_model: str | None = None
+) -> tuple[Any, Any, Any]:
+    """The model, tokenizer and draft model (or None) to generate with (the bundled demo when `model` is None).
+
+    Adapters are applied to the model; the draft model shares its tokenizer and is checked against it.
+    """
     from ..demo import DEMO_DIR, DEMO_NAME
+    from ..generate import check_draft_model
     from ..io import load
 
     if model is None:
@@ -42,7 +48,11 @@ def load_for_generation(model: str | None, tokenizer: str | None, adapter_path: 
         from ..lora import load_adapters
 
         load_adapters(m, adapter_path)
-    return m, tok
+    draft = None
+    if draft_model:
+        draft = load(draft_model, tokenizer=tok.model_file)[0]
+        check_draft_model(m, draft)  # once here; token_steps still guards each call
+    return m, tok, draft
 
 
 def _print_stats(last: Any, drafted: int, draft: bool) -> None:
@@ -73,17 +83,13 @@ def generate(
     verbose: Annotated[bool, typer.Option(help="Print tokens/s and peak memory on stderr.")] = False,
 ) -> None:
     """Generate text; it streams to stdout (and nothing else goes there)."""
-    from ..generate import check_draft_model, stream_generate
-    from ..io import load
+    from ..generate import stream_generate
 
     with user_errors():
         config = GenerationConfig(**settings)
         if prompt == "-":
             prompt = read_stdin_text()
-        m, tok = load_for_generation(model, tokenizer, adapter_path)
-        draft = load(draft_model, tokenizer=tok.model_file)[0] if draft_model else None
-        if draft is not None:
-            check_draft_model(m, draft)
+        m, tok, draft = load_for_generation(model, tokenizer, adapter_path, draft_model)
         last, drafted = None, 0
         for step in stream_generate(m, tok, prompt, config=config, system=system, chat=chat, draft_model=draft):
             sys.stdout.write(step.text)
@@ -110,7 +116,7 @@ def chat(
 
     with user_errors():
         config = GenerationConfig(**settings)
-        m, tok = load_for_generation(model, tokenizer, adapter_path)
+        m, tok, _ = load_for_generation(model, tokenizer, adapter_path)
         session = ChatSession(m, tok, config=config, system=system)
         if hasattr(sys.stdin, "reconfigure"):
             sys.stdin.reconfigure(errors="replace")  # a stray non-UTF-8 byte is not worth a crash

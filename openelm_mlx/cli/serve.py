@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from functools import partial
+from typing import Annotated
 
 import typer
 
@@ -12,35 +13,6 @@ from ._app import app, user_errors
 from .generate import ModelOpt, TokenizerOpt, load_for_generation
 
 DEMO_ID = "openelm-mlx-demo"
-
-
-def _loader(model: str | None, tokenizer: str | None, draft_model: str | None, adapters: Any, adapter_path: str | None):
-    """What the worker thread runs to load (model, tokenizer, draft): MLX state is created in that thread."""
-
-    def load_all() -> tuple[Any, Any, Any]:
-        from ..generate import check_draft_model
-        from ..io import load
-
-        m, tok = load_for_generation(model, tokenizer)
-        if adapters is not None:
-            adapters(m, adapter_path)
-        draft = load(draft_model, tokenizer=tok.model_file)[0] if draft_model else None
-        if draft is not None:
-            check_draft_model(m, draft)
-        return m, tok, draft
-
-    return load_all
-
-
-def _adapter_loader(adapter_path: str | None) -> Any:
-    """`openelm_mlx.lora.load_adapters`, imported only when adapters are asked for."""
-    if adapter_path is None:
-        return None
-    try:
-        from ..lora import load_adapters
-    except ImportError:
-        raise OptionError("adapter_path", "LoRA adapters are not available in this build") from None
-    return load_adapters
 
 
 @app.command()
@@ -74,23 +46,24 @@ def serve(
         check_range("max_kv_size", max_kv_size, MIN_KV_SIZE, integer=True)
         if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise OptionError("log_level", f"must be one of critical, error, warning, info, debug, got {log_level!r}")
-        adapters = _adapter_loader(adapter_path)
         try:
-            from ..server import Server, ServeSettings, Worker, bind, run
+            from ..server import Server, bind, run
+            from ..server_requests import ServeSettings
+            from ..server_worker import Worker
         except ImportError as e:
             raise OpenELMError(
                 f"the server needs starlette and uvicorn: pip install 'openelm-mlx[serve]' ({e})"
             ) from None
         sock = bind(host, port)  # a taken port fails here, before the model loads
-        worker = Worker(_loader(model, tokenizer, draft_model, adapters, adapter_path), max_kv_size=max_kv_size)
+        # The worker thread runs the loader: MLX state is made in the thread that uses it.
+        loader = partial(load_for_generation, model, tokenizer, adapter_path, draft_model)
+        worker = Worker(loader, max_kv_size=max_kv_size)
         try:
             worker.start()
         except BaseException:
             sock.close()
             raise
-        settings = ServeSettings(
-            model_id=model or DEMO_ID, api_key=api_key, max_tokens_limit=max_tokens_limit, max_kv_size=max_kv_size
-        )
+        settings = ServeSettings(model_id=model or DEMO_ID, api_key=api_key, max_tokens_limit=max_tokens_limit)
         shown = f"[{host}]" if ":" in host else host
         typer.echo(f"Serving {settings.model_id} at http://{shown}:{sock.getsockname()[1]}/v1", err=True)
         run(Server(worker, settings), sock, log_level)
