@@ -17,7 +17,8 @@ import mlx.core as mx
 from openelm_mlx.demo import DEMO_DIR
 from openelm_mlx.eval import make_windows, perplexity
 from openelm_mlx.io import load
-from openelm_mlx.quantize import QuantizeOptions, bits_per_weight, quantize_folder
+from openelm_mlx.quantize import bits_per_weight
+from openelm_mlx.quantize_run import QuantizeOptions, quantize_folder
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 RUNS = [  # (label, QuantizeOptions fields)
@@ -29,7 +30,7 @@ RUNS = [  # (label, QuantizeOptions fields)
     ("mixed_3_6", {"recipe": "mixed_3_6"}),
     ("GPTQ 4-bit", {"bits": 4, "method": "gptq"}),
     ("GPTQ 3-bit", {"bits": 3, "method": "gptq"}),
-    ("GPTQ 3-bit, 6-bit embedding", {"bits": 3, "method": "gptq", "embedding_bits": 6}),
+    ("GPTQ 3-bit, 6-bit embedding", {"bits": 3, "method": "gptq", "embedding_bits": "6"}),
     ("--target-bpw 4.5 (RTN)", {"target_bpw": 4.5}),
 ]
 

@@ -1,5 +1,5 @@
 """Calibrated quantization: activations recorded on calibration text, float16-overflow checks, GPTQ, and
-per-module sensitivity for a bits-per-weight target. Recipes and the config entry live in quantize.py.
+per-module sensitivity for a bits-per-weight target. Builds on quantize.py (recipes, the bits planner).
 """
 
 from __future__ import annotations
@@ -11,19 +11,22 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_unflatten
 
 from .errors import CheckpointError, check_range
+from .eval import kl_divergence, log_probs
 from .quantize import (
     EMBEDDING,
-    FP16_MAX,
-    LAYER_MODULES,
     QuantRecipe,
-    _logical,
-    _stored_bits,
     float_modules,
+    logical_weights,
     planned_bits_per_weight,
     quantize_model,
+    stored_bits,
 )
+
+FP16_MAX = 65504.0
+LAYER_MODULES = ("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2")
 
 
 class _Recorder(nn.Module):
@@ -49,18 +52,9 @@ class _Recorder(nn.Module):
         return out
 
 
-def _swap(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """Put `new` at `path` (dotted, list indices as numbers); return what was there."""
-    *parents, last = path.split(".")
-    parent: Any = model
-    for part in parents:
-        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
-    old = parent[int(last)] if last.isdigit() else getattr(parent, last)
-    if last.isdigit():
-        parent[int(last)] = new
-    else:
-        setattr(parent, last, new)
-    return old
+def _put(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `path` (a `named_modules` key)."""
+    model.update_modules(tree_unflatten([(path, module)]))
 
 
 def _watched(model: nn.Module) -> list[str]:
@@ -84,8 +78,8 @@ def record(
     originals = {}
     for path in targets:
         head = path == "transformer.norm"
-        rec = _Recorder(_module_at(model, path), path, stats, path in hessians or head, head=head)
-        originals[path] = _swap(model, path, rec)
+        originals[path] = dict(model.named_modules())[path]
+        _put(model, path, _Recorder(originals[path], path, stats, path in hessians or head, head=head))
     stats["logits"] = {"peak": mx.array(0.0), "finite": mx.array(True), "H": None}
     try:
         for s in range(0, len(windows), batch_size):
@@ -97,17 +91,10 @@ def record(
             mx.eval([x for v in stats.values() for x in v.values() if x is not None])
     finally:
         for path, module in reversed(list(originals.items())):
-            _swap(model, path, module)
+            _put(model, path, module)
     if tied:
         stats[EMBEDDING] = stats.pop("transformer.norm")
     return stats
-
-
-def _module_at(model: nn.Module, path: str) -> nn.Module:
-    node: Any = model
-    for part in path.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
 
 
 @dataclass
@@ -225,15 +212,15 @@ def gptq_quantize(model: nn.Module, recipe: QuantRecipe, windows: mx.array, batc
     usable = [p for p in plan if p != EMBEDDING or model.config.share_input_output_layers]
     stats = record(model, windows, hessians=usable, batch_size=batch_size)
     solved = {}
+    modules = dict(model.named_modules())
     for path in usable:
         H = np.array(stats[path].pop("H"), dtype=np.float64)
-        module = _module_at(model, path)
-        solved[path] = gptq_weight(module.weight, H, plan[path]["bits"], plan[path]["group_size"])
+        solved[path] = gptq_weight(modules[path].weight, H, plan[path]["bits"], plan[path]["group_size"])
         mx.eval(solved[path])
     skipped = quantize_model(model, recipe=recipe)
+    modules = dict(model.named_modules())  # now the quantized ones
     for path, (wq, scales, biases) in solved.items():
-        module = _module_at(model, path)
-        module.weight, module.scales, module.biases = wq, scales, biases
+        modules[path].weight, modules[path].scales, modules[path].biases = wq, scales, biases
     return skipped
 
 
@@ -253,7 +240,7 @@ def measure_sensitivity(
     """For each quantizable module and bit width: the mean KL divergence of the model's next-token
     distribution on `windows` from the float model's when only that module is quantized (round to nearest)."""
     inputs = windows[:, :-1]
-    ref = nn.log_softmax(model(inputs).astype(mx.float32), axis=-1)
+    ref = log_probs(model(inputs))
     mx.eval(ref)
     out: dict[str, dict[int, float]] = {}
     for path, module in float_modules(model).items():
@@ -263,8 +250,7 @@ def measure_sensitivity(
         out[path] = {}
         for bits in candidates:
             module.weight = _fake_quantize(w, bits, group_size)
-            q = nn.log_softmax(model(inputs).astype(mx.float32), axis=-1)
-            out[path][bits] = max((mx.exp(ref) * (ref - q)).sum(-1).mean().item(), 0.0)
+            out[path][bits] = max(kl_divergence(ref, model(inputs)).mean().item(), 0.0)
         module.weight = w
     return out
 
@@ -288,14 +274,14 @@ def allocate_bits(
 
     low, high = planned_bits_per_weight(model, recipe()), _bpw_at(model, base, free, max(SENSITIVITY_BITS))
     check_range("target_bpw", target_bpw, round(low - 0.005, 2), round(high + 0.005, 2))
-    budget = target_bpw * _logical(model) - _stored_total(model, recipe())
+    budget = target_bpw * logical_weights(model) - _stored_total(model, recipe())
     g = base.group_size
     while True:
         best = None
         for p, kl in free.items():
-            cur = _stored_bits(modules[p], {"bits": choice[p], "group_size": g})
+            cur = stored_bits(modules[p], {"bits": choice[p], "group_size": g})
             for b in (b for b in kl if b > choice[p]):
-                cost = _stored_bits(modules[p], {"bits": b, "group_size": g}) - cur
+                cost = stored_bits(modules[p], {"bits": b, "group_size": g}) - cur
                 gain = (kl[choice[p]] - kl[b]) / cost
                 if cost <= budget and gain > 0 and (best is None or gain > best[0]):
                     best = (gain, p, b, cost)
@@ -306,7 +292,7 @@ def allocate_bits(
 
 
 def _stored_total(model: nn.Module, recipe: QuantRecipe) -> float:
-    return planned_bits_per_weight(model, recipe) * _logical(model)
+    return planned_bits_per_weight(model, recipe) * logical_weights(model)
 
 
 def _bpw_at(model: nn.Module, base: QuantRecipe, free: dict[str, Any], bits: int) -> float:

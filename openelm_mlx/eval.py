@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .data import read_documents
 from .errors import DataError, check_range
+from .train import lm_loss
 
 
 @dataclass
@@ -81,12 +82,25 @@ def perplexity(model: nn.Module, windows: mx.array, batch_size: int = 8, progres
     """Perplexity of `model` on `windows` (from `make_windows`); a tqdm bar on stderr with `progress`."""
     total, count = 0.0, 0
     for batch in _batches(windows, batch_size, progress, "perplexity"):
-        logits = model(batch[:, :-1]).astype(mx.float32)
-        loss = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
-        total += loss.item()
-        count += batch[:, 1:].size
+        loss, n = lm_loss(model, batch[:, :-1], batch[:, 1:])
+        total += loss.item() * n.item()
+        count += n.item()
     nll = total / count
     return Perplexity(math.exp(nll) if nll < 700 else math.inf, nll, count, len(windows))
+
+
+def log_probs(logits: mx.array) -> mx.array:
+    """Next-token log-probabilities (float32) from logits (..., vocab)."""
+    return nn.log_softmax(logits.astype(mx.float32), axis=-1)
+
+
+def kl_divergence(ref_logprobs: mx.array, logits: mx.array) -> mx.array:
+    """KL(reference || model) in nats per position, from the reference's `log_probs` and the model's logits.
+
+    Returns:
+        Shape of `logits` without its last (vocab) axis.
+    """
+    return (mx.exp(ref_logprobs) * (ref_logprobs - log_probs(logits))).sum(-1)
 
 
 def mean_kl(
@@ -95,8 +109,6 @@ def mean_kl(
     """Mean over tokens of KL(reference's next-token distribution || model's), in nats."""
     total, count = 0.0, 0
     for batch in _batches(windows, batch_size, progress, "KL divergence"):
-        p = nn.log_softmax(reference(batch[:, :-1]).astype(mx.float32), axis=-1)
-        q = nn.log_softmax(model(batch[:, :-1]).astype(mx.float32), axis=-1)
-        total += (mx.exp(p) * (p - q)).sum().item()
+        total += kl_divergence(log_probs(reference(batch[:, :-1])), model(batch[:, :-1])).sum().item()
         count += batch[:, 1:].size
     return total / count

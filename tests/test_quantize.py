@@ -20,16 +20,14 @@ from openelm_mlx.errors import CheckpointError, OptionError
 from openelm_mlx.eval import make_windows, perplexity
 from openelm_mlx.io import load, load_model, save
 from openelm_mlx.quantize import (
-    BUILTIN_TEXT,
-    QuantizeOptions,
     QuantRecipe,
     bits_per_weight,
     mixed_recipe,
     planned_bits_per_weight,
-    quantize_folder,
     quantize_model,
     sensitive_layers,
 )
+from openelm_mlx.quantize_run import BUILTIN_TEXT, QuantizeOptions, quantize_folder
 
 
 @pytest.fixture(scope="module")

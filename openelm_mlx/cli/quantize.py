@@ -1,57 +1,42 @@
-"""`quantize` and `perplexity`: thin commands over `openelm_mlx.quantize` and `openelm_mlx.eval`."""
+"""`quantize` and `perplexity`: thin commands over `openelm_mlx.quantize_run` and `openelm_mlx.eval`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ._app import app, user_errors
+from ..eval import perplexity as run_perplexity
+from ..eval import text_windows
+from ..io import load
+from ..quantize_run import QuantizeOptions, QuantizeReport, dequantize_folder, quantize_folder
+from ._app import app, settings_options, user_errors
 
 
 @app.command()
+@settings_options(QuantizeOptions)
 def quantize(
     src: Annotated[Path, typer.Argument(help="A float MLX model folder (or, with --dequantize, a quantized one).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output model folder.")],
-    bits: Annotated[int, typer.Option(help="Bits per weight: 2, 3, 4, 5, 6 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option(help="Quantization group size: 32, 64 or 128.")] = 64,
-    recipe: Annotated[
-        str | None, typer.Option(help="Mixed precision: mixed_3_6 or mixed_4_6 (6 bits for sensitive parts).")
-    ] = None,
-    target_bpw: Annotated[
-        float | None, typer.Option(help="Allocate bits per layer from measured sensitivity (needs --calib).")
-    ] = None,
-    method: Annotated[str, typer.Option(help="rtn (round to nearest) or gptq (needs --calib).")] = "rtn",
-    calib: Annotated[list[Path] | None, typer.Option(help="Calibration text (.txt/.jsonl); repeatable.")] = None,
-    embedding_bits: Annotated[
-        str | None, typer.Option(help="Bits for the embedding and tied output head, or 'float'.")
-    ] = None,
+    settings: dict[str, Any],
     eval: Annotated[
         list[Path] | None, typer.Option("--eval", help="Text to report perplexity before/after and KL on.")
     ] = None,
-    seq_len: Annotated[int, typer.Option(help="Window length for calibration and evaluation.")] = 256,
-    num_samples: Annotated[int, typer.Option(help="Windows of calibration/evaluation text to use.")] = 32,
     dequantize: Annotated[bool, typer.Option(help="Turn a quantized model back to float.")] = False,
     force: Annotated[bool, typer.Option(help="Write into a folder openelm-mlx did not create.")] = False,
 ) -> None:
     """Quantize a model (MLX affine: uniform, mixed recipes, a bits-per-weight target, or GPTQ)."""
-    from ..quantize import QuantizeOptions, dequantize_folder, quantize_folder
-
     with user_errors():
         if dequantize:
             report = dequantize_folder(src, output, force=force)
             typer.echo(f"wrote {report.output}: float, {report.bytes_on_disk / 1e6:.2f} MB in {report.seconds:.1f}s")
             return
-        opts = QuantizeOptions(
-            bits, group_size, recipe, target_bpw, method, tuple(map(str, calib or ())), embedding_bits,
-            tuple(map(str, eval or ())), seq_len, num_samples,
-        )  # fmt: skip
-        report = quantize_folder(src, output, opts, force=force, progress=True)
-        _print_report(report)
+        opts = QuantizeOptions(**settings, eval_data=tuple(eval or ()))
+        _print_report(quantize_folder(src, output, opts, force=force, progress=True))
 
 
-def _print_report(report) -> None:
+def _print_report(report: QuantizeReport) -> None:
     """The quantize summary: size, notes, per-module overrides, quality."""
     typer.echo(
         f"wrote {report.output}: {report.bits_per_weight:.3f} bits per weight, "
@@ -80,10 +65,6 @@ def perplexity(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
 ) -> None:
     """Perplexity of a model on text."""
-    from ..eval import perplexity as run_perplexity
-    from ..eval import text_windows
-    from ..io import load
-
     with user_errors():
         lm, tok = load(model)
         windows = text_windows(tok, [str(p) for p in data], seq_len, num_samples)

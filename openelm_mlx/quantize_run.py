@@ -1,0 +1,199 @@
+"""Quantizing a model folder: `QuantizeOptions` (the one place for the workflow's defaults and help), the
+recipe they ask for, and `quantize_folder` / `dequantize_folder` with their `QuantizeReport`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.utils import dequantize_model
+
+from .calibrate import allocate_bits, gptq_quantize, make_safe, measure_sensitivity
+from .errors import CheckpointError, OptionError, TokenizerNotFoundError, check_range
+from .eval import make_windows, mean_kl, perplexity, text_windows
+from .io import load, load_model, save
+from .quantize import (
+    QUANTIZED,
+    QuantRecipe,
+    bits_per_weight,
+    check_recipe,
+    check_settings,
+    mixed_recipe,
+    parse_embedding_bits,
+    quantization_settings,
+    quantize_model,
+    with_embedding_bits,
+)
+
+METHODS = ("rtn", "gptq")
+BUILTIN_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Machine learning models run on many devices today.\n"
+    "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n"
+    "def main():\n    print('hello, world')\n\nThe capital of France is Paris; 1, 2, 3, 4, 5, 6, 7, 8, 9, 10.\n"
+)
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    return (str(value),) if isinstance(value, (str, Path)) else tuple(map(str, value))
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Settings of `quantize_folder`, checked when built (before any model is loaded).
+
+    Each field with help is also a `quantize` CLI option, with this default; `eval_data` is the CLI's `--eval`.
+    `calib` and `eval_data` take paths (one or several); `embedding_bits` a bit width ("6" or 6) or "float".
+    """
+
+    bits: int = _opt(4, "Bits per weight: 2, 3, 4, 5, 6 or 8.")
+    group_size: int = _opt(64, "Quantization group size: 32, 64 or 128.")
+    recipe: str | None = _opt(None, "Mixed precision: mixed_3_6 or mixed_4_6 (6 bits for sensitive parts).")
+    target_bpw: float | None = _opt(None, "Allocate bits per layer from measured sensitivity (needs --calib).")
+    method: str = _opt("rtn", "rtn (round to nearest) or gptq (needs --calib).")
+    calib: tuple[str, ...] = _opt((), "Calibration text (.txt/.jsonl); repeatable.")
+    embedding_bits: str | None = _opt(None, "Bits for the embedding and tied output head, or 'float'.")
+    eval_data: tuple[str, ...] = ()
+    seq_len: int = _opt(256, "Window length for calibration and evaluation.")
+    num_samples: int = _opt(32, "Windows of calibration/evaluation text to use.")
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "calib", _paths(self.calib))
+        object.__setattr__(self, "eval_data", _paths(self.eval_data))
+        check_settings(self.bits, self.group_size, prefix="")
+        if self.recipe is not None:
+            check_recipe(self.recipe)
+        if self.method not in METHODS:
+            raise OptionError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        check_range("target_bpw", self.target_bpw, 2.0, 32.0)
+        if self.target_bpw is not None and self.recipe is not None:
+            raise OptionError("target_bpw", "give a bits-per-weight target or a recipe, not both")
+        if (self.method == "gptq" or self.target_bpw is not None) and not self.calib:
+            raise OptionError("calib", "calibration text is needed for gptq and for a bits-per-weight target")
+        parse_embedding_bits(self.embedding_bits)
+        for name in ("seq_len", "num_samples", "batch_size"):
+            check_range(name, getattr(self, name), 1, integer=True)
+
+
+@dataclass
+class QuantizeReport:
+    """What `quantize_folder` / `dequantize_folder` did; perplexities and KL only when evaluated."""
+
+    output: Path
+    bits_per_weight: float | None
+    bytes_on_disk: int
+    float_layers: list[str]
+    quantization: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    kl: float | None = None
+    seconds: float = 0.0
+
+
+def _load(src: str | Path) -> tuple[nn.Module, Any]:
+    """The model and its tokenizer (None if the folder has none)."""
+    try:
+        return load(src)
+    except TokenizerNotFoundError:
+        return load_model(src), None
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QUANTIZED) for _, m in model.named_modules())
+
+
+def _load_float(src: str | Path) -> tuple[nn.Module, Any]:
+    """`_load`, refusing a quantized model."""
+    model, tok = _load(src)
+    if _is_quantized(model):
+        raise CheckpointError(f"{src}: already quantized; quantize a float model (or dequantize this one first)")
+    return model, tok
+
+
+def _weight_bytes(folder: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("model*.safetensors"))
+
+
+def _windows(tok: Any, paths: Sequence[str], opts: QuantizeOptions, vocab: int) -> mx.array:
+    """Windows of the text in `paths` (of the built-in sentences when none; random ids without a tokenizer)."""
+    if paths:
+        if tok is None:
+            raise TokenizerNotFoundError(f"{paths[0]}: reading text needs a tokenizer beside the model")
+        return text_windows(tok, list(paths), opts.seq_len, opts.num_samples)
+    if tok is None:
+        return mx.array(np.random.default_rng(0).integers(3, vocab, (4, 65)).astype(np.int32))
+    return make_windows(tok.encode(BUILTIN_TEXT, add_bos=False), 64, tok.bos_id, source="built-in text")
+
+
+def build_recipe(model: nn.Module, opts: QuantizeOptions, calib: mx.array) -> QuantRecipe:
+    """The recipe `opts` asks for: uniform, a named mixed recipe, or a bits-per-weight target."""
+    if opts.recipe is not None:
+        recipe = mixed_recipe(opts.recipe, model, opts.group_size)
+    else:
+        recipe = QuantRecipe(opts.bits, opts.group_size)
+    recipe = with_embedding_bits(recipe, model, parse_embedding_bits(opts.embedding_bits))
+    if opts.target_bpw is not None:
+        sens = measure_sensitivity(model, calib[: opts.batch_size], opts.group_size)
+        recipe = allocate_bits(model, sens, opts.target_bpw, recipe)
+    return recipe
+
+
+def quantize_folder(
+    src: str | Path, dst: str | Path, opts: QuantizeOptions, force: bool = False, progress: bool = False
+) -> QuantizeReport:
+    """Quantize the float model folder `src` into `dst` (atomically, with its tokenizer), checking on
+    calibration text that it stays finite, and, with `opts.eval_data`, measuring its quality.
+
+    Raises:
+        OptionError, CheckpointError, DataError: before anything is written.
+    """
+    tic = time.perf_counter()
+    model, tok = _load_float(src)
+    calib = _windows(tok, opts.calib, opts, model.config.vocab_size)
+    evaluation = _windows(tok, opts.eval_data, opts, model.config.vocab_size) if opts.eval_data else None
+    notes = make_safe(model, calib, str(src))
+    recipe = build_recipe(model, opts, calib)
+    if opts.method == "gptq":
+        skipped = gptq_quantize(model, recipe, calib, opts.batch_size)
+    else:
+        skipped = quantize_model(model, recipe=recipe)
+    mx.eval(model.parameters())
+    notes += make_safe(model, calib, str(src), what="quantized model")
+    save(model, dst, tokenizer=tok, force=force)
+    report = QuantizeReport(
+        Path(dst), bits_per_weight(model), _weight_bytes(dst), skipped, quantization_settings(model), notes
+    )
+    if evaluation is not None:
+        reference = load_model(src)
+        reference.set_dtype(model.transformer.norm.weight.dtype)
+        report.perplexity_before = perplexity(reference, evaluation, opts.batch_size, progress).perplexity
+        report.perplexity_after = perplexity(model, evaluation, opts.batch_size, progress).perplexity
+        report.kl = mean_kl(reference, model, evaluation, opts.batch_size, progress)
+    report.seconds = time.perf_counter() - tic
+    return report
+
+
+def dequantize_folder(src: str | Path, dst: str | Path, force: bool = False) -> QuantizeReport:
+    """Write the quantized model folder `src` back in float (the dtype of its scales) into `dst`.
+
+    Raises:
+        CheckpointError: `src` is not quantized.
+    """
+    tic = time.perf_counter()
+    model, tok = _load(src)
+    if not _is_quantized(model):
+        raise CheckpointError(f"{src}: not quantized; nothing to dequantize")
+    save(dequantize_model(model), dst, tokenizer=tok, force=force)
+    return QuantizeReport(Path(dst), None, _weight_bytes(dst), [], None, seconds=time.perf_counter() - tic)
