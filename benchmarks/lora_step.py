@@ -16,11 +16,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.lora import AdapterTrainer, add_adapters, masked_loss, TARGETS
+from openelm_mlx.lora import add_adapters, TARGETS
 from openelm_mlx.model import Model
 from openelm_mlx.pretrain import init_weights
 from openelm_mlx.quantize import quantize_model
-from openelm_mlx.train import OptimizerConfig, make_optimizer
+from openelm_mlx.train import OptimizerConfig, Trainer, lm_loss, make_optimizer
 impl, kind, bits, B, L, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), *map(int, sys.argv[4:7])
 config = OpenELMConfig.from_preset("OpenELM-270M")
 ours = Model(config)
@@ -39,7 +39,7 @@ mx.random.seed(0)
 keys = [TARGETS[t] for t in ("qkv_proj", "out_proj", "proj_1", "proj_2")]
 add_adapters(model, len(model.layers), {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": keys}, kind == "dora")
 model.train()
-trainer = AdapterTrainer(model, masked_loss, make_optimizer(OptimizerConfig(1e-4, 100)))
+trainer = Trainer(model, lm_loss, make_optimizer(OptimizerConfig(1e-4, 100)))
 x = mx.random.randint(0, 32000, (B, L + 1))
 batch = (x[:, :-1], x[:, 1:], mx.ones((B, L)))
 mx.clear_cache()

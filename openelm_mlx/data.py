@@ -11,14 +11,14 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from .errors import DataError
-from .tokenizer import CHAT_ROLES, EOS_TEXT
+from .tokenizer import CHAT_ROLES, EOS_TEXT, GENERATION_PROMPT, render_turn
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -183,7 +183,6 @@ class TokenData:
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning data: {"text"}, {"prompt", "completion"} or {"messages"} lines of train/valid/test.jsonl.
 
-SPLITS = ("train", "valid", "test")
 PAD_MULTIPLE = 8  # batch lengths are rounded up to this, so the compiled step sees few shapes
 
 
@@ -259,13 +258,13 @@ def _chat_segments(messages: list[dict], tok: FinetuneTokenizer) -> list[tuple[l
     """Token segments of a chat, (ids, is_assistant_reply): each prompt part is tokenized exactly as the
     Instruct template renders it at inference, each reply as its text followed by EOS."""
     segments, pending = [], ""
-    for m in messages:
+    for i, m in enumerate(messages):
         if m["role"] != "assistant":
-            pending += f"<|{m['role']}|>\n{m['content']}{EOS_TEXT}\n"
+            pending += render_turn(m, i)
             continue
-        segments.append((tok.encode_chat_text(pending + "<|assistant|>\n"), False))
+        segments.append((tok.encode_chat_text(pending + GENERATION_PROMPT), False))
         segments.append(([*tok.encode(m["content"], add_bos=False), tok.eos_id], True))
-        pending = "\n"
+        pending = render_turn(m, i).rpartition(EOS_TEXT)[2]  # what the template writes after the reply's EOS
     return segments
 
 
@@ -326,19 +325,18 @@ class FinetuneData:
 
     examples: list[Example]
     source: str = "data"
+    # the order of the last (seed, epoch) asked for: a batch's examples mostly share one epoch
+    _order_cache: dict[tuple[int, int], np.ndarray] = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def loss_tokens(self) -> int:
-        return int(sum(e.weights.sum() for e in self.examples))
-
     def _order(self, seed: int, epoch: int) -> np.ndarray:
-        cache = self.__dict__.setdefault("_orders", {})
-        if (seed, epoch) not in cache:
-            cache.clear()
-            cache[(seed, epoch)] = np.random.default_rng([seed, epoch]).permutation(len(self.examples))
-        return cache[(seed, epoch)]
+        """The permutation of the examples that epoch `epoch` visits."""
+        if (seed, epoch) not in self._order_cache:
+            self._order_cache.clear()
+            self._order_cache[(seed, epoch)] = np.random.default_rng([seed, epoch]).permutation(len(self.examples))
+        return self._order_cache[(seed, epoch)]
 
     def batch(self, index: int, seed: int, batch_size: int, rank: int = 0, world: int = 1) -> tuple[np.ndarray, ...]:
         """This rank's part of global micro-batch `index` (batch_size * world examples): see `collate`."""

@@ -6,6 +6,9 @@ other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from dataclasses import field
+from typing import Any
+
 
 class OpenELMError(ValueError):
     """Something the user gave (a file, a setting, data) is wrong; the message says what and where."""
@@ -72,3 +75,8 @@ def check_range(
         raise OptionError(option, f"must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and value > high:
         raise OptionError(option, f"must be <= {high}, got {value}")
+
+
+def settings_field(default: Any, help: str) -> Any:
+    """A settings-dataclass field with `help`: the CLI turns it into an option with this default."""
+    return field(default=default, metadata={"help": help})

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +21,23 @@ from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .data import FinetuneData, load_split
-from .errors import CheckpointError, OptionError, check_range
+from .errors import CheckpointError, OptionError, check_range, settings_field
 from .fs import atomic_output_dir, require_regular_file
 from .io import read_json
 from .quantize import QUANTIZED
 from .train import (
     CHECKPOINTS,
-    Checkpointer,
-    Evaluate,
-    Logger,
+    Batch,
     OptimizerConfig,
     Trainer,
-    checkpoints,
+    check_schedule,
+    check_tensors,
     enable_grad_checkpoint,
     lm_loss,
     make_optimizer,
+    micro_batches,
     prepare_run_folder,
-    truncate_log,
+    run_training,
 )
 from .weights import load_safetensors
 
@@ -68,10 +71,7 @@ PAPER_RECIPE: dict[str, Any] = {
 }
 RECIPES = {"paper": PAPER_RECIPE}
 FUSE_TOLERANCE = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 3e-2}  # relative, by weight dtype
-
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
 
 @dataclass(frozen=True)
@@ -82,60 +82,59 @@ class LoraConfig:
     data: str = ""
     adapter_path: str = ""
     tokenizer: str | None = None
-    rank: int = _opt(8, "Rank r of the low-rank update.")
-    alpha: float = _opt(16.0, "LoRA alpha: the update B·A is scaled by alpha / rank.")
-    dropout: float = _opt(0.0, "Dropout on the adapters' input while training.")
-    dora: bool = _opt(False, "DoRA: also learn each output row's magnitude.")
-    targets: str = _opt(DEFAULT_TARGETS, f"Comma-separated modules to adapt, from: {', '.join(TARGETS)}.")
-    num_layers: str = _opt("all", "Adapt the last N decoder layers, or all.")
-    iters: int | None = _opt(None, "Optimizer steps (instead of epochs).")
-    epochs: float | None = _opt(None, "Passes over train.jsonl (default 3 when iters is not given).")
-    batch_size: int = _opt(4, "Examples per micro-batch per process.")
-    grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
-    lr: float = _opt(1e-4, "Peak learning rate (after warmup; cosine decay to min_lr).")
-    min_lr: float | None = _opt(None, "Final cosine learning rate (default lr/10).")
-    warmup: int = _opt(0, "Linear warmup steps.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (not on 1-D parameters).")
-    grad_clip: float = _opt(1.0, "Gradient-norm clip (0: off).")
-    max_seq_len: int | None = _opt(None, "Longer examples are truncated (default: the model's context length).")
-    mask_prompt: bool = _opt(False, "Loss on completion / assistant tokens only.")
-    grad_checkpoint: bool = _opt(False, "Recompute activations to save memory.")
-    val_every: int = _opt(100, "Validation loss on valid.jsonl every N steps and at the end (0: never).")
-    val_batches: int = _opt(25, "Validation batches per evaluation (0: all of valid.jsonl).")
-    save_every: int = _opt(100, "Checkpoint every N steps (0: never).")
-    seed: int = _opt(0, "Seed for adapter initialisation, dropout and data order.")
-    resume: bool = _opt(False, "Continue from the latest checkpoint in the adapter folder.")
-    overwrite: bool = _opt(False, "Start afresh in an adapter folder that holds an earlier run.")
-    test: bool = _opt(False, "After training, report the loss and perplexity on test.jsonl.")
+    rank: int = settings_field(8, "Rank r of the low-rank update.")
+    alpha: float = settings_field(16.0, "LoRA alpha: the update B·A is scaled by alpha / rank.")
+    dropout: float = settings_field(0.0, "Dropout on the adapters' input while training.")
+    dora: bool = settings_field(False, "DoRA: also learn each output row's magnitude.")
+    targets: str = settings_field(DEFAULT_TARGETS, f"Comma-separated modules to adapt, from: {', '.join(TARGETS)}.")
+    num_layers: str = settings_field("all", "Adapt the last N decoder layers, or all.")
+    iters: int | None = settings_field(None, "Optimizer steps (instead of epochs).")
+    epochs: float | None = settings_field(None, "Passes over train.jsonl (default 3 when iters is not given).")
+    batch_size: int = settings_field(4, "Examples per micro-batch per process.")
+    grad_accum: int = settings_field(1, "Micro-batches per optimizer step.")
+    lr: float = settings_field(1e-4, "Peak learning rate (after warmup; cosine decay to min_lr).")
+    min_lr: float | None = settings_field(None, "Final cosine learning rate (default lr/10).")
+    warmup: int = settings_field(0, "Linear warmup steps.")
+    weight_decay: float = settings_field(0.0, "AdamW weight decay (not on 1-D parameters).")
+    grad_clip: float = settings_field(1.0, "Gradient-norm clip (0: off).")
+    max_seq_len: int | None = settings_field(
+        None, "Longer examples are truncated (default: the model's context length)."
+    )
+    mask_prompt: bool = settings_field(False, "Loss on completion / assistant tokens only.")
+    grad_checkpoint: bool = settings_field(False, "Recompute activations to save memory.")
+    val_every: int = settings_field(100, "Validation loss on valid.jsonl every N steps and at the end (0: never).")
+    val_batches: int = settings_field(25, "Validation batches per evaluation (0: all of valid.jsonl).")
+    save_every: int = settings_field(100, "Checkpoint every N steps (0: never).")
+    keep_checkpoints: int = settings_field(2, "How many of the newest checkpoints to keep.")
+    seed: int = settings_field(0, "Seed for adapter initialisation, dropout and data order.")
+    resume: bool = settings_field(False, "Continue from the latest checkpoint in the adapter folder.")
+    overwrite: bool = settings_field(False, "Start afresh in an adapter folder that holds an earlier run.")
+    test: bool = settings_field(False, "After training, report the loss and perplexity on test.jsonl.")
 
     def __post_init__(self) -> None:
         if isinstance(self.num_layers, int) and not isinstance(self.num_layers, bool):
             object.__setattr__(self, "num_layers", str(self.num_layers))
+        for f in fields(self):
+            kind = expected_kind(f.name, getattr(self, f.name)) if "help" in f.metadata else None
+            if kind is not None:
+                raise OptionError(f.name, f"must be {kind}, got {getattr(self, f.name)!r}")
         check_range("rank", self.rank, 1, 4096, integer=True)
         check_range("alpha", self.alpha, 0, 1e6, low_open=True)
         check_range("dropout", self.dropout, 0, 0.99)
         self.target_names  # noqa: B018  (validates)
         if self.num_layers != "all" and not (self.num_layers.isdigit() and int(self.num_layers) >= 1):
             raise OptionError("num_layers", f"must be a positive whole number or 'all', got {self.num_layers!r}")
-        self._check_schedule()
+        if self.iters is not None and self.epochs is not None:
+            raise OptionError("iters", "and epochs cannot both be given")
+        check_range("iters", self.iters, 1, integer=True)
+        check_range("epochs", self.epochs, 0, 1e6, low_open=True)
+        check_schedule(self)
+        check_range("keep_checkpoints", self.keep_checkpoints, 1, integer=True)
         for name in ("val_every", "val_batches", "save_every", "seed"):
             check_range(name, getattr(self, name), 0, integer=True)
         check_range("max_seq_len", self.max_seq_len, 2, integer=True)
         if self.resume and self.overwrite:
             raise OptionError("resume", "and overwrite cannot both be given")
-
-    def _check_schedule(self) -> None:
-        if self.iters is not None and self.epochs is not None:
-            raise OptionError("iters", "and epochs cannot both be given")
-        check_range("iters", self.iters, 1, integer=True)
-        check_range("epochs", self.epochs, 0, 1e6, low_open=True)
-        for name in ("batch_size", "grad_accum"):
-            check_range(name, getattr(self, name), 1, integer=True)
-        check_range("warmup", self.warmup, 0, integer=True)
-        check_range("lr", self.lr, 0, 10, low_open=True)
-        check_range("min_lr", self.min_lr, 0, self.lr)
-        check_range("weight_decay", self.weight_decay, 0, 10)
-        check_range("grad_clip", self.grad_clip, 0)
 
     @property
     def scale(self) -> float:
@@ -151,8 +150,27 @@ class LoraConfig:
         return names
 
 
+def expected_kind(name: str, value: Any) -> str | None:
+    """What the `LoraConfig` field `name` must hold, when `value` is of the wrong type (None when it fits)."""
+    if name == "num_layers":
+        fits = isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+        return None if fits else "a positive whole number or 'all'"
+    hint = typing.get_type_hints(LoraConfig)[name]
+    args = typing.get_args(hint) or (hint,)
+    kind = next(a for a in args if a is not type(None))
+    if value is None and type(None) in args:
+        return None
+    wanted = (int, float) if kind is float else kind
+    fits = isinstance(value, wanted) and (kind is bool or not isinstance(value, bool))
+    return None if fits else KINDS[kind]
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Settings from a YAML file whose keys are `LoraConfig` field names (dashes allowed) or `recipe`."""
+    """Settings from a YAML file whose keys are `LoraConfig` field names (dashes allowed) or `recipe`.
+
+    Raises:
+        OptionError: for the setting "config", naming the file and the key that is unknown or of the wrong type.
+    """
     import yaml
 
     path = Path(path)
@@ -171,7 +189,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise OptionError("config", f"{path}: unknown setting {key!r}")
     if isinstance(values.get("targets"), list):
         values["targets"] = ",".join(map(str, values["targets"]))
+    for key, value in values.items():
+        kind = (None if isinstance(value, str) else "a string") if key == "recipe" else expected_kind(key, value)
+        if kind is not None:
+            note = " (YAML reads 1e-4 as text: write 1.0e-4)" if kind == KINDS[float] and _is_number(value) else ""
+            raise OptionError("config", f"{path}: {key} must be {kind}, got {value!r}{note}")
     return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def make_config(
@@ -289,13 +320,7 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
         add_adapters(model, num_layers, params, dora)
     except OptionError as e:
         raise CheckpointError(f"{config_path}: {e.detail}") from None
-    expected = dict(tree_flatten(model.trainable_parameters()))
-    for name, value in weights.items():
-        if name not in expected or value.shape != expected[name].shape:
-            raise CheckpointError(f"{weights_path}: tensor {name!r} does not fit this model's adapters")
-    if set(weights) != set(expected):
-        missing = sorted(set(expected) - set(weights))[0]
-        raise CheckpointError(f"{weights_path}: lacks adapter tensor {missing!r}")
+    check_tensors(weights_path, weights, dict(tree_flatten(model.trainable_parameters())))
     model.load_weights(list(weights.items()), strict=False)
     model.eval()
     mx.eval(model.parameters())
@@ -314,13 +339,6 @@ def _requantize(module: nn.Module, like: nn.Module) -> nn.Module:
     if isinstance(like, nn.QuantizedEmbedding):
         return nn.QuantizedEmbedding.from_embedding(module, like.group_size, like.bits, mode=like.mode)
     return nn.QuantizedLinear.from_linear(module, like.group_size, like.bits, mode=like.mode)
-
-
-def dequantize_all(model: nn.Module) -> None:
-    """Replace every quantized layer of `model` by its float equivalent, in place."""
-    from mlx_lm.utils import dequantize_model
-
-    dequantize_model(model)
 
 
 def fuse_adapters(model: nn.Module, probe: mx.array, dequantize: bool = False) -> dict[str, float]:
@@ -351,7 +369,9 @@ def fuse_adapters(model: nn.Module, probe: mx.array, dequantize: bool = False) -
         raise CheckpointError(f"fused logits differ from the adapted model's by {error:.2e} (allowed {tolerance:.0e})")
     result = {"fuse_error": error}
     if dequantize:
-        dequantize_all(model)
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(model)
     elif bases:
         model.update_modules(tree_unflatten([(n, _requantize(m, bases[n])) for n, m in fused if n in bases]))
         result["requantize_error"] = _relative_difference(model(probe), before)
@@ -360,48 +380,6 @@ def fuse_adapters(model: nn.Module, probe: mx.array, dequantize: bool = False) -
 
 
 # --- training ------------------------------------------------------------------------------------
-
-
-@dataclass
-class AdapterTrainer(Trainer):
-    """The shared Trainer, for adapters: the random state (dropout) flows through the compiled step, and a
-    checkpoint holds only the trainable weights and the optimizer state (and `adapter_config`, so a
-    checkpoint folder is itself a loadable adapter folder)."""
-
-    adapter_config: dict[str, Any] | None = None
-
-    def _build(self) -> None:
-        state = [self.model.state, self.optimizer.state, mx.random.state]
-        grad_fn = self._grad_fn()
-        self._micro = mx.compile(grad_fn, inputs=state, outputs=state) if self.compile else grad_fn
-        self._apply_fn = mx.compile(self._apply, inputs=state, outputs=state) if self.compile else self._apply
-
-    def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
-        with atomic_output_dir(folder) as tmp:
-            mx.save_safetensors(str(tmp / ADAPTERS_FILE), dict(tree_flatten(self.model.trainable_parameters())))
-            mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
-            if self.adapter_config is not None:
-                (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(self.adapter_config, indent=2))
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-
-    def load_checkpoint(self, folder: Path) -> dict[str, Any]:
-        """Restore what `save_checkpoint` wrote; returns its state. CheckpointError naming a file that does not fit."""
-        state = read_json(folder / "state.json")
-        if not isinstance(state.get("step"), int) or isinstance(state["step"], bool) or state["step"] < 0:
-            raise CheckpointError(f'{folder / "state.json"}: "step" must be a non-negative integer')
-        weights = load_safetensors(require_regular_file(folder / ADAPTERS_FILE))
-        expected = dict(tree_flatten(self.model.trainable_parameters()))
-        if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
-            raise CheckpointError(f"{folder / ADAPTERS_FILE}: adapters do not fit this run's settings")
-        opt_flat = load_safetensors(require_regular_file(folder / "optimizer.safetensors"))
-        current = dict(tree_flatten(self.optimizer.state))
-        if set(opt_flat) != set(current) or any(opt_flat[k].shape != current[k].shape for k in current):
-            raise CheckpointError(f"{folder / 'optimizer.safetensors'}: optimizer state does not fit this run")
-        self.model.load_weights(list(weights.items()), strict=False)
-        self.optimizer.state = tree_unflatten(list(opt_flat.items()))
-        self._build()
-        mx.eval(self.model.parameters(), self.optimizer.state)
-        return state
 
 
 def prepare_adapter_folder(out: Path, config: LoraConfig) -> Path | None:
@@ -433,24 +411,21 @@ def total_steps(config: LoraConfig, n_train: int, world: int = 1) -> int:
     return max(1, math.ceil((config.epochs or 3.0) * n_train / per_step))
 
 
-def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array) -> tuple[mx.array, mx.array]:
-    """`lm_loss` over the tokens whose weight is 1 (padding and, with mask_prompt, prompts excluded)."""
-    return lm_loss(model, inputs, targets, weights)
-
-
 def eval_loss(model: nn.Module, *batch: mx.array) -> tuple[mx.array, mx.array]:
-    """`masked_loss` with dropout off."""
+    """`lm_loss` over the weighted tokens (inputs, targets, weights), with dropout off."""
     model.eval()
     try:
-        return masked_loss(model, *batch)
+        return lm_loss(model, *batch)
     finally:
         model.train()
 
 
-def _check_resume(state: dict[str, Any], expected: dict[str, Any], folder: Path) -> None:
-    saved = state.get("adapter_config")
-    keys = ("fine_tune_type", "num_layers", "lora_parameters")
-    if isinstance(saved, dict) and any(saved.get(k) != expected[k] for k in keys):
+def _check_resume(expected: dict[str, Any], state: dict[str, Any], folder: Path) -> None:
+    """The checkpoint in `folder` was made with the adapter settings `expected` (an `adapter_config`)."""
+    saved, keys = state.get("adapter_config"), ("fine_tune_type", "num_layers", "lora_parameters")
+    if not isinstance(saved, dict) or not all(k in saved for k in keys):
+        raise CheckpointError(f'{folder / "state.json"}: "adapter_config" must be an object with {", ".join(keys)}')
+    if any(saved[k] != expected[k] for k in keys):
         raise OptionError("resume", f"{folder} was made with other adapter settings ({saved['lora_parameters']})")
 
 
@@ -467,8 +442,7 @@ def finetune(config: LoraConfig, progress: bool = True, model: Any = None, token
     out = Path(config.adapter_path)
     if model is None:
         model, tokenizer = load(config.model, config.tokenizer)
-    max_seq_len = config.max_seq_len or model.config.max_context_length
-    splits = load_splits(config, tokenizer, max_seq_len)
+    splits = load_splits(config, tokenizer, config.max_seq_len or model.config.max_context_length)
     ckpt = prepare_adapter_folder(out, config) if rank == 0 else None
     steps = total_steps(config, len(splits["train"]), world)
     mx.random.seed(config.seed)
@@ -477,19 +451,26 @@ def finetune(config: LoraConfig, progress: bool = True, model: Any = None, token
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
     trainer = _make_trainer(config, model, steps, group if world > 1 else None)
-    if world > 1:
-        ckpt = ckpt or (checkpoints(out / CHECKPOINTS)[-1] if config.resume else None)
-    start = 0
-    if ckpt is not None:
-        state = trainer.load_checkpoint(ckpt)
-        _check_resume(state, trainer.adapter_config, ckpt)
-        start = state["step"]
-    if start >= steps:
-        raise OptionError("iters", f"{steps} steps is not past the checkpoint's step {start}; nothing to do")
-    metrics = _fit(config, trainer, splits, steps, start, rank, world, progress)
+    settings = adapter_config(config, model)
+    metrics = run_training(
+        trainer,
+        _train_batches(config, splits["train"], rank, world),
+        steps,
+        out,
+        ckpt,
+        resume=config.resume,
+        val_batches=splits["valid"].eval_batches(config.batch_size, config.val_batches) if "valid" in splits else [],
+        eval_every=config.val_every,
+        save_every=config.save_every,
+        keep_checkpoints=config.keep_checkpoints,
+        state={"seed": config.seed, "adapter_config": settings},
+        files={ADAPTER_CONFIG_FILE: json.dumps(settings, indent=2)},  # a checkpoint is also an adapter folder
+        check_state=partial(_check_resume, settings),
+        steps_option="iters",
+        progress=progress,
+    )
     if rank == 0:
-        settings = json.dumps({k: v for k, v in asdict(config).items()}, indent=2)
-        save_adapters(model, out, trainer.adapter_config, {"train_config.json": settings})
+        save_adapters(model, out, settings, {"train_config.json": json.dumps(asdict(config), indent=2)})
     if config.test:
         metrics["test_loss"] = trainer.evaluate(splits["test"].eval_batches(config.batch_size))
         metrics["test_perplexity"] = math.exp(min(metrics["test_loss"], 700.0))
@@ -497,57 +478,28 @@ def finetune(config: LoraConfig, progress: bool = True, model: Any = None, token
     return metrics
 
 
-def _make_trainer(config: LoraConfig, model: nn.Module, steps: int, group: Any) -> AdapterTrainer:
-    opt = OptimizerConfig(
-        lr=config.lr, steps=steps, warmup=config.warmup, min_lr=config.min_lr, weight_decay=config.weight_decay
-    )
-    return AdapterTrainer(
+def _make_trainer(config: LoraConfig, model: nn.Module, steps: int, group: Any) -> Trainer:
+    """The shared trainer on the adapters (the only trainable weights), saved as adapters.safetensors."""
+    return Trainer(
         model,
-        masked_loss,
-        make_optimizer(opt),
+        lm_loss,
+        make_optimizer(OptimizerConfig.from_settings(config, steps)),
         grad_clip=config.grad_clip,
         group=group,
         eval_loss_fn=eval_loss,
-        adapter_config=adapter_config(config, model),
+        weights_file=ADAPTERS_FILE,
     )
 
 
-def _fit(
-    config: LoraConfig,
-    trainer: AdapterTrainer,
-    splits: dict[str, FinetuneData],
-    steps: int,
-    start: int,
-    rank: int,
-    world: int,
-    progress: bool,
-) -> dict[str, float]:
-    out, train, ga = Path(config.adapter_path), splits["train"], config.grad_accum
-    if rank == 0:
-        truncate_log(out / "log.jsonl", start)
+def _train_batches(config: LoraConfig, train: FinetuneData, rank: int, world: int) -> Callable[[int], list[Batch]]:
+    """`step -> micro-batches`, seeding the dropout masks by (seed, step) too, so a resumed run is exact."""
+    fetch = micro_batches(lambda i: train.batch(i, config.seed, config.batch_size, rank, world), config.grad_accum)
 
-    def batches(step: int) -> list[tuple[mx.array, ...]]:
-        mx.random.seed(config.seed * 1_000_003 + step + 1)  # dropout masks depend on (seed, step) only: exact resume
-        return [
-            tuple(map(mx.array, train.batch(step * ga + i, config.seed, config.batch_size, rank, world)))
-            for i in range(ga)
-        ]
+    def batches(step: int) -> list[Batch]:
+        mx.random.seed(config.seed * 1_000_003 + step + 1)
+        return fetch(step)
 
-    val = splits["valid"].eval_batches(config.batch_size, config.val_batches) if "valid" in splits else []
-    logger = Logger(out / "log.jsonl", steps, start, enabled=rank == 0, progress=progress)
-    state_fn = lambda step: {"step": step, "seed": config.seed, "adapter_config": trainer.adapter_config}  # noqa: E731
-    callbacks = [
-        Evaluate(val, config.val_every, steps),
-        logger,
-        Checkpointer(out / CHECKPOINTS, config.save_every, steps, 2, state_fn, enabled=rank == 0),
-    ]
-    try:
-        metrics = trainer.fit(batches, steps, start, callbacks)
-    finally:
-        logger.close()
-    if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
-        raise OptionError("lr", f"training diverged (loss {metrics['loss']}); the adapters were not saved: lower lr")
-    return metrics
+    return batches
 
 
 def probe_tokens(vocab_size: int, seed: int = 0) -> mx.array:

@@ -6,12 +6,11 @@ Also trains a SentencePiece tokenizer with OpenELM's special ids.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +20,21 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import OpenELMConfig
 from .data import TokenData, read_documents, tokenize_to_file
-from .errors import DataError, OptionError, check_range
+from .errors import DataError, OptionError, check_range, settings_field
 from .io import parse_dtype, save
 from .model import Model
 from .tokenizer import Tokenizer
 from .train import (
     CHECKPOINTS,
-    Checkpointer,
-    Evaluate,
-    Logger,
     OptimizerConfig,
     Trainer,
-    checkpoints,
+    check_schedule,
     enable_grad_checkpoint,
     lm_loss,
     make_optimizer,
+    micro_batches,
     prepare_run_folder,
-    truncate_log,
+    run_training,
 )
 
 MIN_VOCAB = 260  # 256 byte pieces, unk, BOS, EOS and at least one merge
@@ -121,10 +118,6 @@ def _train_sentencepiece(spm: Any, corpus: Path, prefix: Path, vocab_size: int, 
     )
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class PretrainConfig:
     """Settings of a pretraining run (CoreNet's recipe, sized down by the caller); checked when built.
@@ -135,37 +128,34 @@ class PretrainConfig:
     data: list[str]
     tokenizer: str
     out: str
-    steps: int = _opt(1000, "Optimizer steps.")
-    batch_size: int = _opt(8, "Sequences per micro-batch per process.")
-    seq_len: int = _opt(512, "Tokens per sequence (at most the model's max_context_length).")
-    grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
-    lr: float = _opt(5.3e-3, "Peak learning rate (CoreNet 270M: 5.3e-3).")
-    min_lr: float | None = _opt(None, "Final cosine learning rate (default lr/10).")
-    warmup: int = _opt(100, "Linear warmup steps from 1e-6.")
-    weight_decay: float = _opt(0.1, "AdamW weight decay (not on norms).")
-    grad_clip: float = _opt(1.0, "Gradient-norm clip (0: off).")
-    z_loss: float = _opt(1e-4, "z-loss weight on logsumexp^2.")
-    dtype: str = _opt("float32", "Compute dtype: float32 or bfloat16 (float32 master weights).")
-    grad_checkpoint: bool = _opt(False, "Recompute activations to save memory.")
-    eval_every: int = _opt(100, "Held-out loss every N steps (0: never).")
-    save_every: int = _opt(500, "Checkpoint every N steps (0: never).")
-    keep_checkpoints: int = _opt(2, "How many of the newest checkpoints to keep.")
-    val_fraction: float = _opt(0.02, "Fraction of tokens held out (0: no held-out loss).")
-    seed: int = _opt(0, "Seed for initialisation and data order.")
-    resume: bool = _opt(False, "Continue from the latest checkpoint in --out.")
-    overwrite: bool = _opt(
-        False, "Start afresh in an --out that holds an earlier run (its log, checkpoints and model go)."
+    steps: int = settings_field(1000, "Optimizer steps.")
+    batch_size: int = settings_field(8, "Sequences per micro-batch per process.")
+    seq_len: int = settings_field(512, "Tokens per sequence (at most the model's max_context_length).")
+    grad_accum: int = settings_field(1, "Micro-batches per optimizer step.")
+    lr: float = settings_field(5.3e-3, "Peak learning rate (CoreNet 270M: 5.3e-3).")
+    min_lr: float | None = settings_field(None, "Final cosine learning rate (default lr/10).")
+    warmup: int = settings_field(100, "Linear warmup steps from 1e-6.")
+    weight_decay: float = settings_field(0.1, "AdamW weight decay (not on norms).")
+    grad_clip: float = settings_field(1.0, "Gradient-norm clip (0: off).")
+    z_loss: float = settings_field(1e-4, "z-loss weight on logsumexp^2.")
+    dtype: str = settings_field("float32", "Compute dtype: float32 or bfloat16 (float32 master weights).")
+    grad_checkpoint: bool = settings_field(False, "Recompute activations to save memory.")
+    eval_every: int = settings_field(100, "Held-out loss every N steps (0: never).")
+    save_every: int = settings_field(500, "Checkpoint every N steps (0: never).")
+    keep_checkpoints: int = settings_field(2, "How many of the newest checkpoints to keep.")
+    val_fraction: float = settings_field(0.02, "Fraction of tokens held out (0: no held-out loss).")
+    seed: int = settings_field(0, "Seed for initialisation and data order.")
+    resume: bool = settings_field(False, "Continue from the latest checkpoint in the out folder.")
+    overwrite: bool = settings_field(
+        False, "Start afresh in an out folder that holds an earlier run (its log, checkpoints and model go)."
     )
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints"):
+        for name in ("steps", "seq_len", "keep_checkpoints"):
             check_range(name, getattr(self, name), 1, integer=True)
-        for name in ("warmup", "eval_every", "save_every", "seed"):
+        check_schedule(self)
+        for name in ("eval_every", "save_every", "seed"):
             check_range(name, getattr(self, name), 0, integer=True)
-        check_range("lr", self.lr, 0, 10, low_open=True)
-        check_range("min_lr", self.min_lr, 0, self.lr)
-        check_range("weight_decay", self.weight_decay, 0, 10)
-        check_range("grad_clip", self.grad_clip, 0)
         check_range("z_loss", self.z_loss, 0, 1)
         check_range("val_fraction", self.val_fraction, 0, 0.5)
         if self.dtype not in ("float32", "bfloat16"):
@@ -189,6 +179,44 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     out = Path(run.out)
+    tokenizer = _load_tokenizer(config, run)
+    ckpt = prepare_run_folder(out, RUN_FILES, run.resume, run.overwrite, "out", ("config.json",)) if rank == 0 else None
+    data = _prepare_data(run, tokenizer, out, rank, world, group)
+    model = Model(config)
+    init_weights(model, run.seed)
+    if run.grad_checkpoint:
+        enable_grad_checkpoint(model)
+    trainer = Trainer(
+        model,
+        lambda m, x, y: lm_loss(m, x, y, z_loss=run.z_loss),
+        make_optimizer(OptimizerConfig.from_settings(run, run.steps)),
+        compute_dtype=None if compute_dtype == mx.float32 else compute_dtype,
+        grad_clip=run.grad_clip,
+        group=group if world > 1 else None,
+        eval_loss_fn=lm_loss,
+    )
+    metrics = run_training(
+        trainer,
+        micro_batches(lambda i: data.batch(i, run.seed, run.batch_size, run.seq_len, rank, world), run.grad_accum),
+        run.steps,
+        out,
+        ckpt,
+        resume=run.resume,
+        val_batches=data.val_batches(run.batch_size, run.seq_len) if run.val_fraction > 0 else [],
+        eval_every=run.eval_every,
+        save_every=run.save_every,
+        keep_checkpoints=run.keep_checkpoints,
+        state={"seed": run.seed},
+        progress=progress,
+    )
+    if rank == 0:
+        save(model, out, tokenizer=tokenizer, config_extra={"torch_dtype": "float32"}, force=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(run), indent=2))
+    return metrics
+
+
+def _load_tokenizer(config: OpenELMConfig, run: PretrainConfig) -> Tokenizer:
+    """The run's tokenizer, once its vocabulary and `run.seq_len` are known to fit the model."""
     if run.seq_len > config.max_context_length:
         raise OptionError(
             "seq_len", f"{run.seq_len} is more than the model's max_context_length {config.max_context_length}"
@@ -199,63 +227,7 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
             "tokenizer",
             f"{run.tokenizer} has {tokenizer.vocab_size} pieces but the model's vocab_size is {config.vocab_size}",
         )
-    ckpt = prepare_run_folder(out, RUN_FILES, run.resume, run.overwrite, "out", ("config.json",)) if rank == 0 else None
-    data = _prepare_data(run, tokenizer, out, rank, world, group)
-
-    model = Model(config)
-    init_weights(model, run.seed)
-    if run.grad_checkpoint:
-        enable_grad_checkpoint(model)
-    opt = OptimizerConfig(
-        lr=run.lr, steps=run.steps, warmup=run.warmup, min_lr=run.min_lr, weight_decay=run.weight_decay
-    )
-    trainer = Trainer(
-        model,
-        lambda m, x, y: lm_loss(m, x, y, z_loss=run.z_loss),
-        make_optimizer(opt),
-        compute_dtype=None if compute_dtype == mx.float32 else compute_dtype,
-        grad_clip=run.grad_clip,
-        group=group if world > 1 else None,
-        eval_loss_fn=lm_loss,
-    )
-    if world > 1:  # every rank resumes from the checkpoint rank 0 chose
-        ckpt = ckpt or (checkpoints(out / CHECKPOINTS)[-1] if run.resume else None)
-    start = trainer.load_checkpoint(ckpt)["step"] if ckpt is not None else 0
-    if start >= run.steps:
-        raise OptionError("steps", f"{run.steps} is not past the checkpoint's step {start}; nothing to do")
-    if rank == 0:
-        truncate_log(out / "log.jsonl", start)
-
-    def batches(step: int) -> list[tuple[mx.array, ...]]:
-        return [
-            tuple(
-                map(mx.array, data.batch(step * run.grad_accum + i, run.seed, run.batch_size, run.seq_len, rank, world))
-            )
-            for i in range(run.grad_accum)
-        ]
-
-    logger = Logger(out / "log.jsonl", run.steps, start, enabled=rank == 0, progress=progress)
-    val = data.val_batches(run.batch_size, run.seq_len) if run.val_fraction > 0 else []
-    callbacks = [
-        Evaluate(val, run.eval_every, run.steps),
-        logger,
-        Checkpointer(
-            out / CHECKPOINTS,
-            run.save_every,
-            run.steps,
-            run.keep_checkpoints,
-            lambda step: {"step": step, "seed": run.seed},
-            enabled=rank == 0,
-        ),
-    ]
-    metrics = trainer.fit(batches, run.steps, start, callbacks)
-    logger.close()
-    if not all(math.isfinite(v) for k, v in metrics.items() if k in ("loss", "grad_norm")):
-        raise OptionError("lr", f"training diverged (loss {metrics['loss']}); the model was not saved: lower --lr")
-    if rank == 0:
-        save(model, out, tokenizer=tokenizer, config_extra={"torch_dtype": "float32"}, force=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(run), indent=2))
-    return metrics
+    return tokenizer
 
 
 def _prepare_data(run: PretrainConfig, tokenizer: Tokenizer, out: Path, rank: int, world: int, group: Any) -> TokenData:

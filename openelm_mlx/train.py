@@ -23,7 +23,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .errors import CheckpointError, OptionError
+from .errors import CheckpointError, OptionError, check_range
 from .fs import atomic_output_dir, require_regular_file
 from .weights import load_safetensors
 
@@ -31,6 +31,33 @@ Batch = tuple[mx.array, ...]
 LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (loss, n_tokens)
 CHECKPOINTS = "checkpoints"
 log = logging.getLogger("openelm_mlx")
+
+
+class ScheduleSettings(Protocol):
+    """The batch and optimizer settings every training workflow has (PretrainConfig, LoraConfig)."""
+
+    batch_size: int
+    grad_accum: int
+    lr: float
+    min_lr: float | None
+    warmup: int
+    weight_decay: float
+    grad_clip: float
+
+
+def check_schedule(settings: ScheduleSettings) -> None:
+    """Range-check the batch and optimizer settings.
+
+    Raises:
+        OptionError: naming the first setting out of range.
+    """
+    for name in ("batch_size", "grad_accum"):
+        check_range(name, getattr(settings, name), 1, integer=True)
+    check_range("warmup", settings.warmup, 0, integer=True)
+    check_range("lr", settings.lr, 0, 10, low_open=True)
+    check_range("min_lr", settings.min_lr, 0, settings.lr)
+    check_range("weight_decay", settings.weight_decay, 0, 10)
+    check_range("grad_clip", settings.grad_clip, 0)
 
 
 @dataclass(frozen=True)
@@ -45,6 +72,11 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     warmup_init_lr: float = 1e-6
+
+    @classmethod
+    def from_settings(cls, settings: ScheduleSettings, steps: int) -> OptimizerConfig:
+        """The optimizer of a run's settings, over `steps` steps."""
+        return cls(settings.lr, steps, settings.warmup, settings.min_lr, settings.weight_decay)
 
 
 def make_schedule(cfg: OptimizerConfig) -> Callable[[mx.array], mx.array]:
@@ -179,8 +211,9 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 class Checkpointer:
-    """Every `every` steps before `last_step`, writes `folder/step_NNNNNNNN` with the trainer's state and
-    `state_fn(step)`, keeping the newest `keep` (only when `enabled`, i.e. on rank 0)."""
+    """Every `every` steps before `last_step`, writes `folder/step_NNNNNNNN` with the trainer's state, the
+    step and `state` in state.json, and the `files` (name -> text), keeping the newest `keep` (only when
+    `enabled`, i.e. on rank 0)."""
 
     def __init__(
         self,
@@ -188,17 +221,18 @@ class Checkpointer:
         every: int,
         last_step: int,
         keep: int = 2,
-        state_fn: Callable[[int], dict[str, Any]] = lambda step: {"step": step},
+        state: dict[str, Any] | None = None,
+        files: dict[str, str] | None = None,
         enabled: bool = True,
     ):
         self.folder, self.every, self.last_step, self.keep = folder, every, last_step, keep
-        self.state_fn, self.enabled = state_fn, enabled
+        self.state, self.files, self.enabled = state or {}, files or {}, enabled
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         step = int(metrics["step"])
         if not (self.enabled and self.every and step % self.every == 0 and step < self.last_step):
             return
-        trainer.save_checkpoint(self.folder / f"step_{step:08d}", self.state_fn(step))
+        trainer.save_checkpoint(self.folder / f"step_{step:08d}", {"step": step, **self.state}, self.files)
         for old in checkpoints(self.folder)[: -self.keep]:
             shutil.rmtree(old)
 
@@ -241,6 +275,24 @@ def prepare_run_folder(
     return None
 
 
+def check_tensors(path: Path, tensors: dict[str, mx.array], expected: dict[str, mx.array]) -> None:
+    """Every tensor of `expected` is in `tensors` (read from `path`) with the same shape, and nothing else.
+
+    Raises:
+        CheckpointError: naming `path` and the first tensor that is unknown, misshapen or missing.
+    """
+    for name, value in tensors.items():
+        if name not in expected:
+            raise CheckpointError(f"{path}: unknown tensor {name!r} for this run")
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}"
+            )
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path}: lacks tensor(s) {', '.join(map(repr, missing[:5]))}")
+
+
 def checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints in `folder`, oldest first."""
     return sorted(p for p in folder.glob("step_*") if p.is_dir() and (p / "state.json").is_file())
@@ -258,6 +310,7 @@ class Trainer:
         grad_clip: global gradient-norm clip (0 disables).
         group: an `mx.distributed` group; gradients and losses are averaged over it.
         eval_loss_fn: the loss `evaluate` reports (default: `loss_fn`), e.g. without z-loss.
+        weights_file: the name of the trainable weights' file in a checkpoint folder.
     """
 
     model: nn.Module
@@ -268,15 +321,18 @@ class Trainer:
     group: Any = None
     compile: bool = True
     eval_loss_fn: LossFn | None = None
+    weights_file: str = "model.safetensors"
 
     def __post_init__(self) -> None:
-        self.world = self.group.size() if self.group is not None else 1
+        self.rank, self.world = (self.group.rank(), self.group.size()) if self.group is not None else (0, 1)
         self.optimizer.init(self.model.trainable_parameters())
         self._build()
 
     def _build(self) -> None:
-        """(Re)compile the step functions over the current model and optimizer state objects."""
-        state = [self.model.state, self.optimizer.state]
+        """(Re)compile the step functions over the current model, optimizer and random state objects.
+
+        The random state (dropout masks) is an input and output, so each step draws fresh keys."""
+        state = [self.model.state, self.optimizer.state, mx.random.state]
         grad_fn = self._grad_fn()
         apply = self._apply
         self._micro = mx.compile(grad_fn, inputs=state, outputs=state) if self.compile else grad_fn
@@ -375,11 +431,14 @@ class Trainer:
             else float(self.optimizer.learning_rate)
         )
 
-    def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
-        """Model, optimizer state and `state` (step, seeds...) into `folder`, atomically."""
+    def save_checkpoint(self, folder: Path, state: dict[str, Any], files: dict[str, str] | None = None) -> None:
+        """The trainable weights, optimizer state, `state` (step, seeds...) as state.json and the text
+        `files` (name -> text) into `folder`, atomically."""
         with atomic_output_dir(folder) as tmp:
-            mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())))
+            mx.save_safetensors(str(tmp / self.weights_file), dict(tree_flatten(self.model.trainable_parameters())))
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
@@ -396,19 +455,84 @@ class Trainer:
         step = state.get("step") if isinstance(state, dict) else None
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise CheckpointError(f'{state_file}: "step" must be a non-negative integer')
-        weights = load_safetensors(folder / "model.safetensors")
+        weights = load_safetensors(folder / self.weights_file)
+        check_tensors(folder / self.weights_file, weights, dict(tree_flatten(self.model.trainable_parameters())))
         opt_flat = load_safetensors(folder / "optimizer.safetensors")
-        expected = dict(tree_flatten(self.model.parameters()))
-        for name, value in weights.items():
-            if name not in expected or value.shape != expected[name].shape:
-                raise CheckpointError(f"{folder / 'model.safetensors'}: tensor {name!r} does not fit this model")
-        if set(weights) != set(expected):
-            raise CheckpointError(f"{folder / 'model.safetensors'}: does not hold every tensor of this model")
-        current = dict(tree_flatten(self.optimizer.state))
-        if set(opt_flat) != set(current) or any(opt_flat[k].shape != current[k].shape for k in current):
-            raise CheckpointError(f"{folder / 'optimizer.safetensors'}: optimizer state does not fit this run")
-        self.model.load_weights(list(weights.items()))
+        check_tensors(folder / "optimizer.safetensors", opt_flat, dict(tree_flatten(self.optimizer.state)))
+        self.model.load_weights(list(weights.items()), strict=False)  # the trainable ones: all checked above
         self.optimizer.state = tree_unflatten(list(opt_flat.items()))
         self._build()  # the compiled steps captured the previous state objects
         mx.eval(self.model.parameters(), self.optimizer.state)
         return state
+
+
+def micro_batches(batch: Callable[[int], tuple[Any, ...]], grad_accum: int) -> Callable[[int], list[Batch]]:
+    """`step -> micro-batches` for `Trainer.fit`: `batch(index)` (arrays) as MLX arrays, for the step's
+    `grad_accum` micro-batch indices."""
+    return lambda step: [tuple(map(mx.array, batch(step * grad_accum + i))) for i in range(grad_accum)]
+
+
+def run_training(
+    trainer: Trainer,
+    batches: Callable[[int], Sequence[Batch]],
+    steps: int,
+    out: Path,
+    ckpt: Path | None,
+    *,
+    resume: bool = False,
+    val_batches: Sequence[Batch] = (),
+    eval_every: int = 0,
+    save_every: int = 0,
+    keep_checkpoints: int = 2,
+    state: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
+    check_state: Callable[[dict[str, Any], Path], None] | None = None,
+    steps_option: str = "steps",
+    progress: bool = True,
+) -> dict[str, float]:
+    """A training run in `out`: resume, then `trainer.fit` with evaluation, log.jsonl and checkpoints.
+
+    Rank 0 writes. The run continues from `ckpt` (from `prepare_run_folder`); with several processes
+    and `resume`, the other ranks take the newest checkpoint too.
+
+    Args:
+        batches: `step -> micro-batches`, depending on the step only (so a resumed run replays it exactly).
+        val_batches, eval_every: the held-out loss every `eval_every` steps and at the end (0: never).
+        save_every, keep_checkpoints: checkpoint every `save_every` steps (0: never), keeping the newest few.
+        state, files: recorded in every checkpoint, as entries of state.json and as text files.
+        check_state: `(state, checkpoint)`; raises when the checkpoint's state does not fit this run.
+        steps_option: the setting that gives `steps`, named when it is not past the checkpoint.
+
+    Returns:
+        The last step's metrics (see `Trainer.fit`).
+
+    Raises:
+        OptionError: `steps` is not past the checkpoint's step, or the loss diverged (nothing is saved).
+        CheckpointError: the checkpoint is incomplete, corrupt or does not fit.
+    """
+    if trainer.world > 1:  # every rank resumes from the checkpoint rank 0 chose
+        ckpt = ckpt or (checkpoints(out / CHECKPOINTS)[-1] if resume else None)
+    start = 0
+    if ckpt is not None:
+        saved = trainer.load_checkpoint(ckpt)
+        if check_state is not None:
+            check_state(saved, ckpt)
+        start = saved["step"]
+    if start >= steps:
+        raise OptionError(steps_option, f"{steps} steps is not past the checkpoint's step {start}; nothing to do")
+    writer = trainer.rank == 0
+    if writer:
+        truncate_log(out / "log.jsonl", start)
+    logger = Logger(out / "log.jsonl", steps, start, enabled=writer, progress=progress)
+    callbacks = [
+        Evaluate(val_batches, eval_every, steps),
+        logger,
+        Checkpointer(out / CHECKPOINTS, save_every, steps, keep_checkpoints, state, files, enabled=writer),
+    ]
+    try:
+        metrics = trainer.fit(batches, steps, start, callbacks)
+    finally:
+        logger.close()
+    if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+        raise OptionError("lr", f"training diverged (loss {metrics['loss']}; nothing saved): lower the learning rate")
+    return metrics
