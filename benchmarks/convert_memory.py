@@ -4,7 +4,8 @@
 
 Writes an Apple-format `model.safetensors` (4.3 GB at float32) and, for the streaming claim,
 converts it in a child process whose peak resident memory (max RSS) is reported next to the
-sizes of the source file and of the largest output shard.
+sizes of the source file and of the largest output shard. Rows are merged into benchmarks/results.json with
+machine, backend and BLAS.
 """
 
 import argparse
@@ -16,11 +17,18 @@ import tempfile
 import time
 from pathlib import Path
 
+# isort: off
+import openelm_mlx  # noqa: F401  (first: loads the fast BLAS before mlx.core)
+
+# isort: on
 import mlx.core as mx
 import numpy as np
 
+from openelm_mlx import bench
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.model import Model
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
 
 CHILD = """
 import sys, json, resource
@@ -95,6 +103,8 @@ def main() -> None:
                 f"largest output shard {r['largest_output_shard'] / 1e9:.2f} GB; "
                 f"peak / (source + output shard) = {r['peak_rss'] / (size + r['largest_output_shard']):.2f}"
             )
+            row = {**r, "source_bytes": size, "peak_over_source": r["peak_rss"] / size}
+            bench.record(RESULTS, f"{label} OpenELM-1_1B/{args.dtype}", row)
             shutil.rmtree(dst)
         mx.clear_cache()
     finally:

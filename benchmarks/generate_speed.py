@@ -1,77 +1,60 @@
-"""Prompt and generation tokens/s of openelm-mlx next to mlx-lm on the same 270M-shaped random weights.
+"""Prompt and generation tokens/s of openelm-mlx next to mlx-lm (same weights, in process, and its CLI out of the
+box), and float vs 8-/4-bit decode; rows are merged into benchmarks/results.json with machine, backend and BLAS.
 
-    python benchmarks/generate_speed.py [--prompt-tokens 256] [--max-tokens 64] [--rounds 3]
+    python benchmarks/generate_speed.py [--arch OpenELM-270M] [--dtype float32] [-p 128] [-g 32] [--repeats 3]
+        [--tokenizer ../shared/data/llama-tokenizer/tokenizer.model] [--quantized]
 
-Runs alternate (ours, mlx-lm, ours, ...) in one process; medians and ratios are printed.
-Needs ../shared/data/llama-tokenizer (mlx-lm loads the tokenizer through transformers).
+Set OPENELM_MLX_BLAS=none for the rows without a fast BLAS (the loader is process-wide).
 """
 
 import argparse
-import statistics
+import shutil
 import tempfile
 from pathlib import Path
 
-import mlx.core as mx
-import mlx_lm
-from mlx.utils import tree_map
-
-from openelm_mlx import load, save
+import openelm_mlx  # noqa: F401  (first: loads the fast BLAS before mlx.core)
+from openelm_mlx import bench, blas
 from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.generate import stream_generate
-from openelm_mlx.model import Model
+from openelm_mlx.io import save
 from openelm_mlx.tokenizer import Tokenizer
 
+RESULTS = Path(__file__).resolve().parent / "results.json"
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared/data/llama-tokenizer/tokenizer.model"
-
-
-def ours(model, tok, ids, max_tokens):
-    for step in stream_generate(model, tok, ids, max_tokens):
-        last = step
-    return last.prompt_tps, last.generation_tps, last.generation_tokens
-
-
-def theirs(model, tokenizer, ids, max_tokens):
-    for response in mlx_lm.stream_generate(model, tokenizer, ids, max_tokens=max_tokens):
-        last = response
-    return last.prompt_tps, last.generation_tps, last.generation_tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--arch", default="OpenELM-270M")
+    parser.add_argument("--dtype", default="float32", choices=bench.DTYPES)
+    parser.add_argument("-p", "--prompt-tokens", type=int, default=128)
+    parser.add_argument("-g", "--gen-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokenizer", type=Path, default=TOKENIZER, help="for mlx-lm's CLI (vocab >= the model's)")
+    parser.add_argument("--quantized", action="store_true", help="float vs 8-/4-bit decode (group sizes 32/64/128)")
     args = parser.parse_args()
-
-    mx.random.seed(0)
-    model = Model(OpenELMConfig.from_preset("OpenELM-270M"))
-    # Small weights keep random logits from collapsing onto EOS, so both runs generate every token.
-    model.update(tree_map(lambda p: (p * 0.5).astype(getattr(mx, args.dtype)), model.parameters()))
-    folder = Path(tempfile.mkdtemp()) / "OpenELM-270M-random"
-    save(model, folder, tokenizer=Tokenizer(TOKENIZER))
-    our_model, our_tok = load(folder)
-    their_model, their_tok = mlx_lm.load(str(folder))
-    ids = [1] + [(i * 7919) % 31000 + 3 for i in range(args.prompt_tokens - 1)]
-
-    results = {"openelm-mlx": [], "mlx-lm": []}
-    ours(our_model, our_tok, ids[:16], 4)  # warm up both
-    theirs(their_model, their_tok, ids[:16], 4)
-    for _ in range(args.rounds):
-        results["openelm-mlx"].append(ours(our_model, our_tok, ids, args.max_tokens))
-        results["mlx-lm"].append(theirs(their_model, their_tok, ids, args.max_tokens))
-    med = {
-        k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v), v[-1][2])
-        for k, v in results.items()
-    }
-    print(
-        f"270M-shaped, {args.dtype}, {args.prompt_tokens}-token prompt, {args.max_tokens} new tokens, "
-        f"median of {args.rounds} alternating rounds on {mx.default_device()}"
-    )
-    for name, (ptps, gtps, n) in med.items():
-        print(f"  {name:12s} prompt {ptps:8.1f} tok/s   generation {gtps:7.2f} tok/s   ({n} tokens)")
-    o, t = med["openelm-mlx"], med["mlx-lm"]
-    print(f"  ratio ours/mlx-lm: prompt {o[0] / t[0]:.2f}x, generation {o[1] / t[1]:.2f}x")
+    model = bench.random_model(OpenELMConfig.from_preset(args.arch), args.dtype)
+    tag = f"{args.arch}/{args.dtype}/blas={blas.STATE.source}"
+    settings = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats}
+    if args.quantized:
+        variants = [(8, 64), (4, 32), (4, 64), (4, 128)]
+        speeds = bench.quantized_speeds(model, variants, args.prompt_tokens, args.gen_tokens, args.repeats)
+        row = {k: v.as_dict() for k, v in speeds.items()}
+        for k, v in speeds.items():
+            print(
+                f"{k:10s} prompt {v.prompt_tps:8.1f} tok/s  generation {v.generation_tps:6.2f} tok/s "
+                f"({v.generation_tps / speeds['float'].generation_tps:.2f}x float)"
+            )
+        bench.record(RESULTS, f"quantized decode {tag}", {**row, "settings": settings})
+        return
+    work = Path(tempfile.mkdtemp(prefix="openelm-speed-"))
+    try:
+        folder = save(model, work / "model", tokenizer=Tokenizer(args.tokenizer)) if args.tokenizer.is_file() else None
+        r = bench.report(model, args.prompt_tokens, args.gen_tokens, args.repeats, cli_folder=folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for k in ("ours", "mlx_lm", "mlx_lm_cli", "ratio", "ratio_cli", "decode_paired", "roofline"):
+        print(f"{k:11s}", {a: round(b, 3) for a, b in (r[k] or {}).items()})
+    bench.record(RESULTS, f"generate {tag}", r)
 
 
 if __name__ == "__main__":

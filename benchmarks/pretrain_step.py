@@ -1,5 +1,6 @@
 """Tokens/s and peak memory of one 270M-shaped pretraining step: float32 vs bfloat16, with and
-without gradient checkpointing. Each configuration runs in its own process (clean peak memory).
+without gradient checkpointing. Each configuration runs in its own process (clean peak memory); rows are merged
+into benchmarks/results.json with machine, backend and BLAS.
 
     python benchmarks/pretrain_step.py [--batch-size 2] [--seq-len 256] [--steps 3]
 """
@@ -8,9 +9,14 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+from openelm_mlx import bench
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
 CHILD = """
 import json, sys
+import openelm_mlx  # first: loads the fast BLAS before mlx.core
 import mlx.core as mx
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.model import Model
@@ -64,6 +70,8 @@ def main() -> None:
             f"({r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x)  peak {r['peak_gb']:.2f} GB "
             f"({r['peak_gb'] / base['peak_gb']:.2f}x)"
         )
+        key = f"pretrain step OpenELM-270M/{dtype}/grad-checkpoint={'on' if ckpt else 'off'}"
+        bench.record(RESULTS, key, {**r, "batch_size": args.batch_size, "seq_len": args.seq_len})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ PROMPTS = ["ROMEO:", "First Citizen:\nWe are accounted poor citizens", "KING RIC
 
 def run(model, tok, prompt, max_tokens, draft=None, k=3):
     text, accepted = "", 0
-    for step in stream_generate(model, tok, prompt, max_tokens, draft_model=draft, num_draft_tokens=k):
+    for step in stream_generate(model, tok, prompt, max_tokens=max_tokens, draft_model=draft, num_draft_tokens=k):
         text += step.text
         accepted += step.from_draft
         last = step

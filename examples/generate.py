@@ -16,5 +16,6 @@ for step in stream_generate(model, tokenizer, "ROMEO:", max_tokens=48, temp=0.8,
 print(f"\n[{step.prompt_tps:.0f} prompt tokens/s, {step.generation_tps:.0f} generation tokens/s]\n")
 
 # A list of prompts runs as one batch; at temp 0 each answer equals its one-by-one run.
-for prompt, answer in zip(["JULIET:", "KING HENRY:"], generate(model, tokenizer, ["JULIET:", "KING HENRY:"], max_tokens=24)):
+prompts = ["JULIET:", "KING HENRY:"]
+for prompt, answer in zip(prompts, generate(model, tokenizer, prompts, max_tokens=24)):
     print(f"{prompt}{answer}\n")

@@ -17,6 +17,8 @@ COMMANDS = [
     "fuse",
     "quantize",
     "perplexity",
+    "bench",
+    "info",
 ]
 
 

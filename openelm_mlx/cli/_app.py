@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .. import blas
 from ..errors import OpenELMError, OptionError
 
 app = typer.Typer(
@@ -60,6 +61,8 @@ def user_errors() -> Iterator[None]:
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         logger.addHandler(_StderrHandler())
         logger.setLevel(logging.INFO)
+        if blas.STATE.source == "bundled":  # once per process: MLX's reference BLAS is slow on Linux
+            typer.echo(f"note: {blas.STATE.describe()}", err=True)
     try:
         yield
     except (OpenELMError, OSError) as e:

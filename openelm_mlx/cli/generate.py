@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .. import blas
 from ..generate import GenerationConfig
 from ._app import app, read_stdin_text, settings_options, user_errors
 
@@ -62,6 +63,7 @@ def _print_stats(last: Any, drafted: int, draft: bool) -> None:
         share = 100 * drafted / last.generation_tokens
         typer.echo(f"draft tokens accepted: {drafted}/{last.generation_tokens} ({share:.0f}%)", err=True)
     typer.echo(f"peak memory: {last.peak_memory_gb:.3f} GB", err=True)
+    typer.echo(f"BLAS: {blas.STATE.describe()}", err=True)
 
 
 @app.command()
