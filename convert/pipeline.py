@@ -236,7 +236,7 @@ def convert(
     check_weights(Model(config), tensors, {n: Path(t.source) for n, t in tensors.items()})
     out_dtype = _choose_dtype(dtype, tensors, config, force)
     report = Report(Path(dst), len(tensors), 0, 0.0, out_dtype, tokenizer=str(tok.model_file) if tok else None)
-    with atomic_output_dir(dst, force=force) as tmp:
+    with atomic_output_dir(dst, force=force, kind="model", inputs=(src,)) as tmp:
         write_streaming(tmp, tensors, parse_dtype(out_dtype), max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": out_dtype}, indent=2))
         if recipe is not None:
@@ -305,7 +305,7 @@ def export(
         "use_cache": True,
         "transformers_version": "4.39.3",
     }
-    with atomic_output_dir(dst, force=force) as tmp:
+    with atomic_output_dir(dst, force=force, kind="hf-model", inputs=(src,)) as tmp:
         write_weights(tmp, hf, max_shard_bytes, metadata={"format": "pt"})  # transformers wants "pt"
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name in (TOKENIZER_FILE, "tokenizer_config.json"):

@@ -15,13 +15,14 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import CheckpointError, OptionError
 
 OWNED_FILE = ".openelm-mlx-files.json"
 WEIGHT_PATTERN = "model*.safetensors"  # what loaders read as weights, so no stranger may stay beside ours
+WEIGHT_KINDS = ("model", "hf-model")
 log = logging.getLogger("openelm_mlx")
 
 
@@ -37,20 +38,27 @@ def require_regular_file(path: Path) -> Path:
     return path
 
 
-def owned_files(folder: Path) -> set[str] | None:
-    """Names of the entries openelm-mlx wrote into `folder`, or None when it keeps no record."""
+def read_record(folder: Path) -> tuple[set[str], str] | None:
+    """(names of the entries openelm-mlx wrote into `folder`, what it wrote: "model", "adapters", ...),
+    or None when the folder keeps no (readable) record."""
     record = folder / OWNED_FILE
     if not record.is_file():
         return None
     try:
-        names = json.loads(record.read_text())["files"]
+        data = json.loads(record.read_text())
+        names, kind = data["files"], data.get("kind", "model")
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not isinstance(names, list) or not all(
-        isinstance(n, str) and "/" not in n and n not in ("", ".", "..") for n in names
-    ):
+    valid = isinstance(names, list) and isinstance(kind, str)
+    if not valid or not all(isinstance(n, str) and "/" not in n and n not in ("", ".", "..") for n in names):
         return None
-    return set(names)
+    return set(names), kind
+
+
+def owned_files(folder: Path) -> set[str] | None:
+    """Names of the entries openelm-mlx wrote into `folder`, or None when it keeps no record."""
+    record = read_record(folder)
+    return None if record is None else record[0]
 
 
 def _siblings(dest: Path, kind: str) -> list[Path]:
@@ -82,25 +90,51 @@ def _carry_over(old: Path, new: Path) -> None:
             os.rename(entry, new / entry.name)
 
 
-def check_writable(dest: Path, new_names_dir: Path, force: bool) -> None:
-    """Refuse to write into an existing folder that is not an earlier output of ours (unless `force`),
-    and, even with `force`, to replace an entry we did not write (unless it is byte-identical)."""
-    new_names = {f.name for f in new_names_dir.iterdir()}
+def check_output(dest: str | Path, force: bool = False, kind: str = "model", inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse, before any work is done, an output folder that would lose something.
+
+    Refused: `dest` is one of the `inputs` (or a file); it holds a different kind of openelm-mlx output
+    (a model where adapters would go, ...); it is someone else's non-empty folder and not `force`; or,
+    for models, it holds a stranger's `model*.safetensors` that loaders would read beside ours.
+
+    Raises:
+        CheckpointError / OptionError (`force`): naming the folder.
+    """
+    dest = Path(dest).absolute()
+    for given in inputs:
+        if Path(given).exists() and dest.exists() and os.path.samefile(given, dest):
+            raise CheckpointError(f"{dest}: is also an input ({given}); write the output to another folder")
     if not dest.exists():
         return
     if not dest.is_dir():
         raise CheckpointError(f"{dest}: exists and is not a folder")
-    ours = owned_files(dest)
-    entries = {e.name for e in dest.iterdir()}
-    if ours is None and entries and not force:
+    record, entries = read_record(dest), {e.name for e in dest.iterdir()}
+    if record is not None and record[1] != kind:
+        raise CheckpointError(
+            f"{dest}: holds {record[1]} written by openelm-mlx; writing {kind} there would replace it: "
+            "choose another folder"
+        )
+    if record is None and entries - {OWNED_FILE} and not force:
         raise OptionError(
             "force",
             f"is needed to write into {dest}: the folder exists and was not written by openelm-mlx (or choose a new "
             "folder; with force only files openelm-mlx writes are replaced, nothing else in the folder is touched)",
         )
-    theirs = entries - (ours or set())
-    clash = sorted(n for n in theirs & new_names if not _same_file(dest / n, new_names_dir / n))
-    clash += sorted(n for n in theirs - new_names if fnmatch.fnmatch(n, WEIGHT_PATTERN))  # would be read as weights
+    theirs = entries - (record[0] if record else set())
+    strangers = sorted(n for n in theirs if fnmatch.fnmatch(n, WEIGHT_PATTERN)) if kind in WEIGHT_KINDS else []
+    if strangers:
+        raise CheckpointError(
+            f"{dest}: holds {', '.join(strangers)}, which openelm-mlx did not write and loaders would read as "
+            "weights; move it away or choose another folder"
+        )
+
+
+def _check_names(dest: Path, new: Path) -> None:
+    """Even with force, never replace an entry we did not write (unless it is byte-identical)."""
+    if not dest.is_dir():
+        return
+    theirs = {e.name for e in dest.iterdir()} - (owned_files(dest) or set())
+    clash = sorted(n for n in theirs & {f.name for f in new.iterdir()} if not _same_file(dest / n, new / n))
     if clash:
         raise CheckpointError(
             f"{dest}: holds {', '.join(clash)}, which openelm-mlx did not write; move it away or choose another folder"
@@ -125,29 +159,32 @@ def _umask_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    dest: str | Path, force: bool = False, kind: str = "model", inputs: Sequence[str | Path] = ()
+) -> Iterator[Path]:
     """Yield a temporary folder beside `dest`; on success it becomes `dest`.
 
-    A new `dest` appears whole with one rename. An existing `dest` must be an earlier output of ours
-    (or `force`); the new folder replaces it by renames, and every entry of the old folder that we did
-    not write is moved into the new one. On error nothing in `dest` changes.
+    A new `dest` appears whole with one rename. An existing `dest` must be an earlier output of ours of
+    the same `kind` (or `force`, see `check_output`); the new folder replaces it by renames, and every
+    entry of the old folder that we did not write is moved into the new one. On error nothing in `dest`
+    changes.
 
     Raises:
-        CheckpointError: `dest` is a file, or holds an entry of someone else's where ours would go.
+        CheckpointError: see `check_output`; or `dest` holds an entry of someone else's where ours would go.
         OptionError: `dest` is a folder of someone else's and `force` is not set.
     """
     dest = Path(dest).absolute()
+    check_output(dest, force, kind, inputs)
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover(dest)
-    if dest.exists() and not dest.is_dir():
-        raise CheckpointError(f"{dest}: exists and is not a folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     os.chmod(tmp, _umask_mode())  # mkdtemp makes 0700; outputs follow the umask like any folder
     try:
         yield tmp
-        check_writable(dest, tmp, force)
+        check_output(dest, force, kind, inputs)  # again: the folder may have changed meanwhile
+        _check_names(dest, tmp)
         names = sorted(f.name for f in tmp.iterdir())
-        (tmp / OWNED_FILE).write_text(json.dumps({"files": names}, indent=1))
+        (tmp / OWNED_FILE).write_text(json.dumps({"kind": kind, "files": names}, indent=1))
         if not dest.exists():
             os.rename(tmp, dest)
             return

@@ -112,6 +112,7 @@ def save(
     config_extra: dict[str, Any] | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     force: bool = False,
+    inputs: tuple[str | Path, ...] = (),
 ) -> Path:
     """Save in the MLX community format (`load_model` and `mlx_lm.load` read it), atomically.
 
@@ -121,12 +122,14 @@ def save(
             not write are kept either way).
         tokenizer: optional; anything with `save(folder)` (see `openelm_mlx.tokenizer.Tokenizer`).
         config_extra: extra config.json entries.
+        force: write into a folder we did not create (see `fs.check_output`).
+        inputs: paths the model was made from; `path` may not be one of them.
 
     Returns:
         The output folder.
     """
     weights = dict(tree_flatten(model.parameters()))
-    with atomic_output_dir(path, force=force) as tmp:
+    with atomic_output_dir(path, force=force, kind="model", inputs=inputs) as tmp:
         write_weights(tmp, weights, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(model_config_dict(model, config_extra), indent=2))
         if tokenizer is not None:

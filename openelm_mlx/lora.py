@@ -22,7 +22,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .data import FinetuneData, load_split
 from .errors import CheckpointError, OptionError, check_range, settings_field
-from .fs import atomic_output_dir, require_regular_file
+from .fs import atomic_output_dir, check_output, require_regular_file
 from .io import read_json
 from .quantize import QUANTIZED
 from .train import (
@@ -275,7 +275,7 @@ def save_adapters(
     model: nn.Module, folder: str | Path, config: dict[str, Any], extra: dict[str, str] | None = None
 ) -> Path:
     """Write the trainable (adapter) weights and `config` to `folder` atomically (plus `extra` text files)."""
-    with atomic_output_dir(folder, force=True) as tmp:
+    with atomic_output_dir(folder, force=True, kind="adapters") as tmp:
         mx.save_safetensors(str(tmp / ADAPTERS_FILE), dict(tree_flatten(model.trainable_parameters())))
         (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
         for name, text in (extra or {}).items():
@@ -384,7 +384,8 @@ def fuse_adapters(model: nn.Module, probe: mx.array, dequantize: bool = False) -
 
 def prepare_adapter_folder(out: Path, config: LoraConfig) -> Path | None:
     """The training run-folder rules (`train.prepare_run_folder`) applied to the adapter folder."""
-    return prepare_run_folder(out, RUN_FILES, config.resume, config.overwrite, "adapter_path")
+    inputs = (config.model, config.data)
+    return prepare_run_folder(out, RUN_FILES, config.resume, config.overwrite, "adapter_path", (), "adapters", inputs)
 
 
 def load_splits(config: LoraConfig, tokenizer: Any, max_seq_len: int) -> dict[str, FinetuneData]:
@@ -518,8 +519,9 @@ def fuse_model(
     """Load a model, apply and fuse the adapters in `adapter_path`, check, and save a normal model folder."""
     from .io import load, save
 
+    check_output(output, force, "model", (model_path, adapter_path))
     model, tok = load(model_path, tokenizer)
     load_adapters(model, adapter_path)
     result = fuse_adapters(model, probe_tokens(tok.vocab_size), dequantize)
-    save(model, output, tokenizer=tok, force=force)
+    save(model, output, tokenizer=tok, force=force, inputs=(model_path, adapter_path))
     return result

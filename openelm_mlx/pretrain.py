@@ -180,7 +180,11 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
     rank, world = group.rank(), group.size()
     out = Path(run.out)
     tokenizer = _load_tokenizer(config, run)
-    ckpt = prepare_run_folder(out, RUN_FILES, run.resume, run.overwrite, "out", ("config.json",)) if rank == 0 else None
+    ckpt = (
+        prepare_run_folder(out, RUN_FILES, run.resume, run.overwrite, "out", ("config.json",), "model", run.data)
+        if rank == 0
+        else None
+    )
     data = _prepare_data(run, tokenizer, out, rank, world, group)
     model = Model(config)
     init_weights(model, run.seed)

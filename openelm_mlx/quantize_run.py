@@ -18,6 +18,7 @@ from mlx_lm.utils import dequantize_model
 from .calibrate import allocate_bits, gptq_quantize, make_safe, measure_sensitivity
 from .errors import CheckpointError, OptionError, TokenizerNotFoundError, check_range
 from .eval import make_windows, mean_kl, perplexity, text_windows
+from .fs import check_output
 from .io import load, load_model, save
 from .quantize import (
     QUANTIZED,
@@ -160,6 +161,7 @@ def quantize_folder(
         OptionError, CheckpointError, DataError: before anything is written.
     """
     tic = time.perf_counter()
+    check_output(dst, force, "model", (src,))  # before any calibration work
     model, tok = _load_float(src)
     calib = _windows(tok, opts.calib, opts, model.config.vocab_size)
     evaluation = _windows(tok, opts.eval_data, opts, model.config.vocab_size) if opts.eval_data else None
@@ -171,7 +173,7 @@ def quantize_folder(
         skipped = quantize_model(model, recipe=recipe)
     mx.eval(model.parameters())
     notes += make_safe(model, calib, str(src), what="quantized model")
-    save(model, dst, tokenizer=tok, force=force)
+    save(model, dst, tokenizer=tok, force=force, inputs=(src,))
     report = QuantizeReport(
         Path(dst), bits_per_weight(model), _weight_bytes(dst), skipped, quantization_settings(model), notes
     )
@@ -191,9 +193,10 @@ def dequantize_folder(src: str | Path, dst: str | Path, force: bool = False) -> 
     Raises:
         CheckpointError: `src` is not quantized.
     """
+    check_output(dst, force, "model", (src,))
     tic = time.perf_counter()
     model, tok = _load(src)
     if not _is_quantized(model):
         raise CheckpointError(f"{src}: not quantized; nothing to dequantize")
-    save(dequantize_model(model), dst, tokenizer=tok, force=force)
+    save(dequantize_model(model), dst, tokenizer=tok, force=force, inputs=(src,))
     return QuantizeReport(Path(dst), None, _weight_bytes(dst), [], None, seconds=time.perf_counter() - tic)

@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .errors import CheckpointError, OptionError, check_range
-from .fs import atomic_output_dir, require_regular_file
+from .fs import atomic_output_dir, check_output, require_regular_file
 from .weights import load_safetensors
 
 Batch = tuple[mx.array, ...]
@@ -238,19 +238,27 @@ class Checkpointer:
 
 
 def prepare_run_folder(
-    out: Path, run_files: Sequence[str], resume: bool, overwrite: bool, option: str, used_marks: Sequence[str] = ()
+    out: Path,
+    run_files: Sequence[str],
+    resume: bool,
+    overwrite: bool,
+    option: str,
+    used_marks: Sequence[str] = (),
+    kind: str = "model",
+    inputs: Sequence[str | Path] = (),
 ) -> Path | None:
     """The run-folder rules of every training command; returns the checkpoint to resume from, if any.
 
+    Checked before any training: `out` is no input and holds no other kind of output (`fs.check_output`).
     A folder holding an earlier run (any of `run_files` or `used_marks`) is refused unless `resume`
-    (continue from its newest complete checkpoint) or `overwrite` (its `run_files` go; anything else
-    stays). Temporaries of a killed checkpoint write are removed, with a warning.
+    (continue from its newest complete checkpoint) or `overwrite` (its run files and checkpoints go;
+    anything else, even inside `checkpoints/`, stays). Temporaries of a killed checkpoint write are removed.
 
     Raises:
-        OptionError: `out` is a file, a used folder without resume/overwrite, or resume with no checkpoint.
+        OptionError: a used folder without resume/overwrite, or resume with no checkpoint.
+        CheckpointError: see `fs.check_output`.
     """
-    if out.exists() and not out.is_dir():
-        raise OptionError(option, f"{out} exists and is not a folder")
+    check_output(out, force=True, kind=kind, inputs=inputs)
     stale = list((out / CHECKPOINTS).glob(".step_*.tmp-*"))
     for tmp in stale:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -268,9 +276,12 @@ def prepare_run_folder(
         )
     for name in run_files:
         target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
+        if name == CHECKPOINTS and target.is_dir():
+            for ckpt in checkpoints(target):
+                shutil.rmtree(ckpt)
+            if not any(target.iterdir()):
+                target.rmdir()
+        elif target.is_file():
             target.unlink()
     return None
 
@@ -434,7 +445,7 @@ class Trainer:
     def save_checkpoint(self, folder: Path, state: dict[str, Any], files: dict[str, str] | None = None) -> None:
         """The trainable weights, optimizer state, `state` (step, seeds...) as state.json and the text
         `files` (name -> text) into `folder`, atomically."""
-        with atomic_output_dir(folder) as tmp:
+        with atomic_output_dir(folder, kind="checkpoint") as tmp:
             mx.save_safetensors(str(tmp / self.weights_file), dict(tree_flatten(self.model.trainable_parameters())))
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
             for name, text in (files or {}).items():

@@ -388,3 +388,69 @@ def test_train_tokenizer_vocabulary_sizes_are_one_line(tmp_path, run_inputs):
         "at most",
     )
     assert not (tmp_path / "t.model").exists()
+
+
+# --- outputs never replace an input or another kind of output (found by an adversarial pass) ----------------------
+
+
+def _tiny_lora_data(root):
+    data = root / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "To be or not to be"}\n' * 4)
+    return data
+
+
+def test_lora_adapter_path_may_not_be_a_model_folder_and_fuse_may_not_write_into_adapters(tmp_path):
+    model = tmp_path / "model"
+    assert run("export", DEMO_DIR, "-o", tmp_path / "hf").exit_code == 0
+    assert run("convert", tmp_path / "hf", "-o", model).exit_code == 0
+    before = snapshot(model)
+    data = _tiny_lora_data(tmp_path)
+    lora = ["lora", "--model", model, "--data", data, "--iters", "1", "--batch-size", "1"]
+    one_error(run(*lora, "--adapter-path", model), str(model), "is also an input")
+    assert run("convert", tmp_path / "hf", "-o", tmp_path / "model2").exit_code == 0  # a model, not an input
+    one_error(run(*lora, "--adapter-path", tmp_path / "model2"), "holds model written by openelm-mlx")
+    assert snapshot(model) == before
+    assert run(*lora, "--adapter-path", tmp_path / "ad").exit_code == 0
+    adapters = snapshot(tmp_path / "ad")
+    fuse = ["fuse", "--model", model, "--adapter-path", tmp_path / "ad"]
+    one_error(run(*fuse, "-o", tmp_path / "ad"), "is also an input")
+    one_error(run(*fuse, "-o", tmp_path / "ad", "--force"), "is also an input")
+    assert snapshot(tmp_path / "ad") == adapters
+
+
+@pytest.mark.parametrize("command", ["convert", "export", "quantize"])
+def test_a_model_is_never_written_over_its_own_source(tmp_path, command):
+    src = tmp_path / "src"
+    assert (
+        run("export" if command == "convert" else "convert", *_roundtrip_source(tmp_path, command), "-o", src).exit_code
+        == 0
+    )
+    before = snapshot(src)
+    extra = ["--bits", "4"] if command == "quantize" else []
+    one_error(run(command, src, "-o", src, *extra), "is also an input")
+    one_error(run(command, src, "-o", src, "--force", *extra), "is also an input")
+    assert snapshot(src) == before
+
+
+def _roundtrip_source(tmp_path, command):
+    """A source of the right format for `command`: an HF folder for convert, an MLX folder otherwise."""
+    if command == "convert":
+        return [DEMO_DIR]
+    assert run("export", DEMO_DIR, "-o", tmp_path / "hf0").exit_code == 0
+    return [tmp_path / "hf0"]
+
+
+def test_overwrite_keeps_user_files_and_strangers_weights_are_refused_before_training(run_inputs, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "mine.txt").write_text("keep")
+    (out / "log.jsonl").write_text("{}\n")
+    assert run(*pretrain_args(run_inputs, out, "--overwrite")).exit_code == 0
+    assert (out / "checkpoints" / "mine.txt").read_text() == "keep"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_text("not ours")
+    result = run(*pretrain_args(run_inputs, other))
+    one_error(result, "model.safetensors", "loaders would read as weights")
+    assert "step" not in result.output and sorted(p.name for p in other.iterdir()) == ["model.safetensors"]
