@@ -137,7 +137,17 @@ def write_streaming(
     """Write tensors shard by shard, each read from the source and cast only when its shard is written."""
     itemsize = mx.zeros(0, dtype=dtype).itemsize
     sizes = {n: itemsize * math.prod(t.shape) for n, t in tensors.items()}
-    write_shards(out, sizes, lambda names: {n: tensors[n].to_mx().astype(dtype) for n in names}, max_bytes, metadata)
+    write_shards(
+        out, sizes, lambda names: {n: _finite(n, tensors[n]).astype(dtype) for n in names}, max_bytes, metadata
+    )
+
+
+def _finite(name: str, tensor: LazyTensor) -> mx.array:
+    """The tensor, read; NaN or infinite weights make a model that prints garbage, so they are refused."""
+    value = tensor.to_mx()
+    if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
+        raise CheckpointError(f"{tensor.source}: tensor {name!r} holds NaN or infinite values")
+    return value
 
 
 def _choose_dtype(requested: str | None, tensors: dict[str, LazyTensor], config: OpenELMConfig, force: bool) -> str:
@@ -174,8 +184,8 @@ def _choose_vocab(
 ) -> int:
     """`vocab_size`, else the tokenizer's size (dropping CoreNet's padding rows), else all rows."""
     if "transformer.token_embeddings.weight" not in tensors:
-        sources = sorted({t.source for t in tensors.values()})
-        raise CheckpointError(f"{', '.join(sources)}: missing tensor 'transformer.token_embeddings.weight'")
+        sources = ", ".join(sorted({t.source for t in tensors.values()})) or "the checkpoint (it holds no tensors)"
+        raise CheckpointError(f"{sources}: missing tensor 'transformer.token_embeddings.weight'")
     rows = tensors["transformer.token_embeddings.weight"].shape[0]
     if vocab_size is not None:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size <= rows:

@@ -122,6 +122,14 @@ class OpenELMConfig:
             raise ValueError(f"num_transformer_layers {n} is more than {MAX_LAYERS}")
         if not 0 < self.rms_norm_eps < 1:
             raise ValueError(f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
+        for name in ("bos_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name} {getattr(self, name)} is outside the vocabulary of {self.vocab_size}")
+        for name in ("max_context_length", "rope_max_length", "ffn_dim_divisor", "num_gqa_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.rope_freq_constant > 0:
+            raise ValueError(f"rope_freq_constant must be positive, got {self.rope_freq_constant}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         for name in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import DataError
-from .tokenizer import CHAT_ROLES, EOS_TEXT, GENERATION_PROMPT, render_turn
+from .tokenizer import CHAT_ROLES, EOS_TEXT, GENERATION_PROMPT, render_turn, valid_unicode
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -36,6 +36,8 @@ def data_files(paths: Sequence[str | Path]) -> list[Path]:
             files.extend(found)
         elif p.is_file():
             files.append(p)
+        elif p.exists():
+            raise DataError(f"{p}: not a regular file or folder")
         else:
             raise DataError(f"{p}: no such file or folder")
     return files
@@ -73,7 +75,7 @@ def read_documents(paths: Sequence[str | Path]) -> Iterator[str]:
                 raise DataError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f'{path}, line {n}: no string "text" field')
-            yield record["text"]
+            yield valid_unicode(record["text"])  # a JSON "\\ud800" is not text SentencePiece can take
 
 
 def _fingerprint(files: Sequence[Path], tokenizer_file: Path) -> str:

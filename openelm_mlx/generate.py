@@ -29,6 +29,7 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 PREFILL_STEP = 512
 KV_BITS = (2, 3, 4, 5, 6, 8)
 KV_GROUP_SIZES = (32, 64, 128)
+MAX_TOKENS = 1 << 31  # far past any context; beyond it a number is a typo, not a request
 MIN_KV_SIZE = 8  # a rotating cache keeps the first 4 tokens and needs room to rotate
 
 
@@ -77,7 +78,7 @@ class GenerationConfig:
     num_draft_tokens: int = field(default=3, metadata={"help": "Tokens the draft model proposes per step."})
 
     def __post_init__(self) -> None:
-        check_range("max_tokens", self.max_tokens, 1, integer=True)
+        check_range("max_tokens", self.max_tokens, 1, MAX_TOKENS, integer=True)
         check_range("temp", self.temp, 0, 100)
         check_range("top_p", self.top_p, 0, 1, low_open=True)
         check_range("top_k", self.top_k, 0, integer=True)
@@ -91,6 +92,8 @@ class GenerationConfig:
             raise OptionError("kv_bits", f"must be one of {KV_BITS}, got {self.kv_bits!r}")
         if self.kv_group_size is not None and self.kv_group_size not in KV_GROUP_SIZES:
             raise OptionError("kv_group_size", f"must be one of {KV_GROUP_SIZES}, got {self.kv_group_size!r}")
+        if self.kv_group_size is not None and self.kv_bits is None:
+            raise OptionError("kv_group_size", "takes effect only with kv_bits (a quantized KV cache)")
         if self.kv_bits is not None and self.max_kv_size is not None:
             raise OptionError("kv_bits", "cannot be combined with max_kv_size (a rotating cache cannot be quantized)")
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)

@@ -175,8 +175,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raw = yaml.safe_load(require_regular_file(path).read_text())
+    except (OSError, CheckpointError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise OptionError("config", f"{path}: cannot be read ({str(e)[:120]})") from None
     if raw is None:
         return {}

@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import OpenELMConfig
-from .data import TokenData, read_documents, tokenize_to_file
+from .data import TokenData, data_files, read_documents, tokenize_to_file
 from .errors import DataError, OptionError, check_range, settings_field
 from .io import parse_dtype, save
 from .model import Model
@@ -62,15 +62,21 @@ def init_weights(model: Model, seed: int) -> None:
 
 
 def train_tokenizer(
-    data: Sequence[str | Path], vocab_size: int, output: str | Path, max_sentences: int = 2_000_000
+    data: Sequence[str | Path],
+    vocab_size: int,
+    output: str | Path,
+    max_sentences: int = 2_000_000,
+    force: bool = False,
 ) -> Path:
-    """Train a SentencePiece BPE model (byte fallback; unk 0, BOS 1, EOS 2, no pad), written atomically."""
+    """Train a SentencePiece BPE model (byte fallback; unk 0, BOS 1, EOS 2, no pad), written atomically.
+
+    An existing `output` is replaced only with `force`, and never when it is one of the data files.
+    """
     import sentencepiece as spm
 
     check_range("vocab_size", vocab_size, MIN_VOCAB, 1 << 20, integer=True)
     output = Path(output)
-    if output.is_dir():
-        raise OptionError("output", f"{output} is a folder; give the path of the .model file to write")
+    _check_tokenizer_output(output, data_files(data), force)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tmp-") as tmp:
         corpus = Path(tmp) / "corpus.txt"
@@ -83,6 +89,17 @@ def train_tokenizer(
             raise DataError(f"{', '.join(map(str, data))}: {_vocab_problem(str(e), vocab_size)}") from None
         os.replace(Path(tmp) / "tok.model", output)
     return output
+
+
+def _check_tokenizer_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
+    if not output.exists() and not output.is_symlink():
+        return
+    if any(output.exists() and os.path.samefile(output, f) for f in inputs):
+        raise OptionError("output", f"{output} is one of the training data files; write the tokenizer elsewhere")
+    if not output.is_file() or output.is_symlink():
+        raise OptionError("output", f"{output} exists and is not a regular file")
+    if not force:
+        raise OptionError("force", f"is needed to replace the existing file {output}")
 
 
 def _vocab_problem(message: str, vocab_size: int) -> str:

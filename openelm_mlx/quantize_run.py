@@ -75,6 +75,8 @@ class QuantizeOptions:
         check_settings(self.bits, self.group_size, prefix="")
         if self.recipe is not None:
             check_recipe(self.recipe)
+            if self.bits != QuantizeOptions.bits:
+                raise OptionError("bits", f"is set by the recipe {self.recipe!r}; give one or the other")
         if self.method not in METHODS:
             raise OptionError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         check_range("target_bpw", self.target_bpw, 2.0, 32.0)

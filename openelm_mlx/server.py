@@ -294,9 +294,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock

@@ -38,6 +38,16 @@ def uses_chat_template(folder: Path | None, name: str = "") -> bool:
     return recorded if recorded is not None else "instruct" in name.lower()
 
 
+def valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (undecodable bytes in argv, `\\ud800` in JSON) as U+FFFD: SentencePiece
+    takes only valid Unicode."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 GENERATION_PROMPT = "<|assistant|>\n"
 
 
@@ -124,7 +134,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids for `text`, with BOS first unless `add_bos=False`."""
-        ids = self.sp.encode(text)
+        ids = self.sp.encode(valid_unicode(text))
         return [self.bos_id, *ids] if add_bos and self.bos_id >= 0 else ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -144,7 +154,7 @@ class Tokenizer:
             if i:
                 ids.append(self.eos_id)
             if chunk:
-                ids.extend(self.sp.encode(chunk))
+                ids.extend(self.sp.encode(valid_unicode(chunk)))
         return ids
 
     def token_text(self, token: int) -> tuple[str, bytes]:
@@ -206,9 +216,9 @@ def find_tokenizer(
         path = path / TOKENIZER_FILE
     elif not path.exists():
         path = _download_tokenizer(str(tokenizer))
-    if not path.is_file():
+    if not path.exists():
         raise TokenizerNotFoundError(f"{path}: tokenizer file not found")
-    return Tokenizer(path, chat_template)
+    return Tokenizer(path, chat_template)  # refuses FIFOs and other special files, naming them
 
 
 def _recorded_chat_template(model_dir: Path) -> bool | None:

@@ -454,3 +454,91 @@ def test_overwrite_keeps_user_files_and_strangers_weights_are_refused_before_tra
     result = run(*pretrain_args(run_inputs, other))
     one_error(result, "model.safetensors", "loaders would read as weights")
     assert "step" not in result.output and sorted(p.name for p in other.iterdir()) == ["model.safetensors"]
+
+
+# --- more found by the adversarial pass -------------------------------------------------------------------------
+
+
+def test_train_tokenizer_never_overwrites_without_force_nor_its_own_data(tmp_path, run_inputs):
+    text = tmp_path / "t.txt"
+    text.write_text(run_inputs[0].read_text())
+    before = text.read_bytes()
+    one_error(run("train-tokenizer", "--data", text, "--vocab-size", "300", "-o", text, "--force"), "training data")
+    assert text.read_bytes() == before
+    (tmp_path / "mine.model").write_text("keep")
+    one_error(run("train-tokenizer", "--data", text, "--vocab-size", "300", "-o", tmp_path / "mine.model"), "--force")
+    assert (tmp_path / "mine.model").read_text() == "keep"
+
+
+def test_lone_surrogates_in_data_and_prompts_are_text_not_crashes(tmp_path):
+    from openelm_mlx.data import read_documents
+    from openelm_mlx.tokenizer import Tokenizer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "abc \\ud800 def"}\n')
+    (doc,) = read_documents([data])
+    assert "\ufffd" in doc
+    tok = Tokenizer(DEMO_DIR / "tokenizer.model")
+    assert tok.decode(tok.encode("x\udcff", add_bos=False)).startswith("x\ufffd")  # argv's undecodable byte
+        "x\ufffd"
+    )
+
+
+def test_usage_errors_are_one_line_with_exit_1():
+    import subprocess
+    import sys
+
+    for args in (["generate", "--prompt", "hi", "--max-tokens", "abc"], ["generate"], ["no-such-command"]):
+        done = subprocess.run([sys.executable, "-m", "openelm_mlx", *args], capture_output=True, text=True, timeout=60)
+        lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("note:")]
+        assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--prompt", "Hi", "--kv-group-size", "32"], "--kv-group-size: takes effect only with kv_bits"),
+        (["generate", "--prompt", "Hi", "--num-draft-tokens", "5"], "--num-draft-tokens: takes effect only"),
+        (["generate", "--prompt", "Hi", "--max-tokens", "99999999999999999999"], "--max-tokens: must be <="),
+        (["serve", "--api-key", ""], "--api-key: must not be empty"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(args, message):
+    one_error(run(*args), message)
+
+
+def test_conflicting_quantize_and_convert_options(tmp_path, weights):
+    hf_folder(tmp_path / "hf", weights, CONFIG.to_dict())
+    one_error(run("convert", tmp_path / "hf", "-o", tmp_path / "o", "--q-bits", "8"), "only with -q/--quantize")
+    assert run("convert", tmp_path / "hf", "-o", tmp_path / "m").exit_code == 0
+    one_error(run("quantize", tmp_path / "m", "-o", tmp_path / "q", "--recipe", "mixed_3_6", "--bits", "2"), "--bits")
+    one_error(run("quantize", tmp_path / "m", "-o", tmp_path / "q", "--dequantize", "--bits", "8"), "--dequantize")
+
+
+def test_meaningless_configs_and_nan_weights_are_refused(tmp_path, weights, tiny_model):
+    bad = {**weights, "transformer.norm.weight": np.full_like(weights["transformer.norm.weight"], np.nan)}
+    hf_folder(tmp_path / "hf", bad, CONFIG.to_dict())
+    one_error(run("convert", tmp_path / "hf", "-o", tmp_path / "o"), "'transformer.norm.weight' holds NaN")
+    assert not (tmp_path / "o").exists()
+    save(tiny_model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 999999}))
+    with pytest.raises(CheckpointError, match="eos_token_id 999999 is outside the vocabulary of 256"):
+        load_model(tmp_path / "m")
+
+
+def test_a_fifo_as_lora_config_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    data = _tiny_lora_data(tmp_path)
+    args = [
+        "lora",
+        "--model",
+        DEMO_DIR,
+        "--data",
+        data,
+        "--adapter-path",
+        tmp_path / "a",
+        "--config",
+        tmp_path / "fifo",
+    ]
+    one_error(run(*args), "not a regular file")

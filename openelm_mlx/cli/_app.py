@@ -10,6 +10,7 @@ import inspect
 import logging
 import sys
 import typing
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
@@ -35,11 +36,17 @@ def flag(option: str) -> str:
 def error_line(e: BaseException) -> str:
     """The one line a user sees for an error they caused."""
     if isinstance(e, OptionError):
-        return f"{flag(e.option) if e.option.isidentifier() else e.option}: {e.detail}"
-    if isinstance(e, OSError) and not isinstance(e, OpenELMError):
+        line = f"{flag(e.option) if e.option.isidentifier() else e.option}: {e.detail}"
+    elif isinstance(e, OSError) and not isinstance(e, OpenELMError):
         where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{(e.strerror or str(e)).lower()}"
-    return str(e)
+        line = f"{where}{(e.strerror or str(e)).lower()}"
+    else:
+        line = str(e)
+    return " ".join(line.split())  # one line, whatever a library message held
+
+
+def _warning_line(message: Warning | str, category: type, *args: object, **kwargs: object) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 class _StderrHandler(logging.Handler):
@@ -57,6 +64,7 @@ class _StderrHandler(logging.Handler):
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Errors a user can cause print one line on stderr and exit 1; bugs keep their traceback."""
+    warnings.formatwarning = _warning_line  # a plain line, not the source line of the warning
     logger = logging.getLogger("openelm_mlx")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         logger.addHandler(_StderrHandler())

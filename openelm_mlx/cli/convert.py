@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import OptionError
 from ._app import app, user_errors
 
 
@@ -42,6 +43,8 @@ def convert(
     from ..convert import convert as run_convert
 
     with user_errors():
+        if not quantize and (q_bits, q_group_size) != (4, 64):
+            raise OptionError("q_bits", "and q_group_size take effect only with -q/--quantize")
         report = run_convert(
             src,
             output,

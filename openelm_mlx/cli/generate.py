@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import blas
+from ..errors import OptionError
 from ..generate import GenerationConfig
 from ._app import app, read_stdin_text, settings_options, user_errors
 
@@ -89,6 +90,8 @@ def generate(
 
     with user_errors():
         config = GenerationConfig(**settings)
+        if draft_model is None and config.num_draft_tokens != GenerationConfig.num_draft_tokens:
+            raise OptionError("num_draft_tokens", "takes effect only with a draft model")
         if prompt == "-":
             prompt = read_stdin_text()
         m, tok, draft = load_for_generation(model, tokenizer, adapter_path, draft_model)

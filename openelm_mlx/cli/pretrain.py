@@ -18,13 +18,14 @@ def train_tokenizer_cmd(
         int, typer.Option(help="Number of pieces (at least 260: 256 bytes, unk, BOS, EOS, and one more).")
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the .model file.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing file at --output.")] = False,
 ) -> None:
     """Train a SentencePiece BPE tokenizer (byte fallback; unk 0, BOS 1, EOS 2)."""
     from ..pretrain import train_tokenizer
     from ..tokenizer import Tokenizer
 
     with user_errors():
-        path = train_tokenizer([str(d) for d in data], vocab_size, output)
+        path = train_tokenizer([str(d) for d in data], vocab_size, output, force=force)
         typer.echo(f"wrote {path} ({Tokenizer(path).vocab_size} pieces)")
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from ..errors import OptionError
 from ..eval import perplexity as run_perplexity
 from ..eval import text_windows
 from ..io import load
@@ -29,6 +31,10 @@ def quantize(
     """Quantize a model (MLX affine: uniform, mixed recipes, a bits-per-weight target, or GPTQ)."""
     with user_errors():
         if dequantize:
+            defaults = {f.name: f.default for f in dataclasses.fields(QuantizeOptions) if f.name in settings}
+            given = sorted(k for k, v in settings.items() if v != defaults[k] and v != ())
+            if given or eval:
+                raise OptionError("dequantize", f"takes no quantization settings (got {', '.join(given or ['eval'])})")
             report = dequantize_folder(src, output, force=force)
             typer.echo(f"wrote {report.output}: float, {report.bytes_on_disk / 1e6:.2f} MB in {report.seconds:.1f}s")
             return

@@ -44,6 +44,8 @@ def serve(
         check_range("port", port, 1, 65535, integer=True)
         check_range("max_tokens_limit", max_tokens_limit, 1, integer=True)
         check_range("max_kv_size", max_kv_size, MIN_KV_SIZE, integer=True)
+        if api_key is not None and not api_key.strip():
+            raise OptionError("api_key", "must not be empty (no client could send it)")
         if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise OptionError("log_level", f"must be one of critical, error, warning, info, debug, got {log_level!r}")
         try:
