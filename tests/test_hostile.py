@@ -480,8 +480,6 @@ def test_lone_surrogates_in_data_and_prompts_are_text_not_crashes(tmp_path):
     assert "\ufffd" in doc
     tok = Tokenizer(DEMO_DIR / "tokenizer.model")
     assert tok.decode(tok.encode("x\udcff", add_bos=False)).startswith("x\ufffd")  # argv's undecodable byte
-        "x\ufffd"
-    )
 
 
 def test_usage_errors_are_one_line_with_exit_1():
