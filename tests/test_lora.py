@@ -350,3 +350,26 @@ def test_cli_trains_tests_and_fuses(task, tmp_path):
         app, ["fuse", "--model", str(DEMO_DIR), "--adapter-path", str(tmp_path / "a"), "-o", str(tmp_path / "n")]
     )
     assert broken.exit_code == 1 and "adapters.safetensors" in broken.output
+
+
+def test_two_processes_train_the_same_adapters_as_one(task, tmp_path):
+    """Data-parallel LoRA under `mlx.launch` (ring backend, 2 local processes x batch 2) equals one process
+    with batch 4; only rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    _run(task, tmp_path / "one", iters=6, batch_size=4, val_every=0)
+    launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable)) or shutil.which("mlx.launch")
+    cli = str(Path(sys.executable).parent / "openelm-mlx")
+    args = ["lora", "--model", str(DEMO_DIR), "--data", str(task), "--adapter-path", str(tmp_path / "two")]
+    args += ["--iters", "6", "--batch-size", "2", "--lr", "1e-2", "--val-every", "0", "--save-every", "0"]
+    args += ["--mask-prompt", "--seed", "1"]
+    cmd = [launcher, "-n", "2", "--backend", "ring", "--starting-port", "5750", "--", cli, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(two) == 6 and max(abs(a - b) for a, b in zip(one, two)) < 1e-3
+    a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    assert a.keys() == b.keys() and all(mx.allclose(a[k], b[k], atol=1e-4).item() for k in a)
