@@ -31,7 +31,6 @@ from .train import (
     OptimizerConfig,
     Trainer,
     check_schedule,
-    check_tensors,
     enable_grad_checkpoint,
     lm_loss,
     make_optimizer,
@@ -39,7 +38,7 @@ from .train import (
     prepare_run_folder,
     run_training,
 )
-from .weights import load_safetensors
+from .weights import check_tensors, load_safetensors
 
 ADAPTERS_FILE = "adapters.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .errors import CheckpointError, OptionError, check_range
 from .fs import atomic_output_dir, check_output, require_regular_file
-from .weights import load_safetensors
+from .weights import check_tensors, load_safetensors
 
 Batch = tuple[mx.array, ...]
 LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (loss, n_tokens)
@@ -284,24 +284,6 @@ def prepare_run_folder(
         elif target.is_file():
             target.unlink()
     return None
-
-
-def check_tensors(path: Path, tensors: dict[str, mx.array], expected: dict[str, mx.array]) -> None:
-    """Every tensor of `expected` is in `tensors` (read from `path`) with the same shape, and nothing else.
-
-    Raises:
-        CheckpointError: naming `path` and the first tensor that is unknown, misshapen or missing.
-    """
-    for name, value in tensors.items():
-        if name not in expected:
-            raise CheckpointError(f"{path}: unknown tensor {name!r} for this run")
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}"
-            )
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise CheckpointError(f"{path}: lacks tensor(s) {', '.join(map(repr, missing[:5]))}")
 
 
 def checkpoints(folder: Path) -> list[Path]:

@@ -203,25 +203,38 @@ def read_weights(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, Path]]
     return weights, sources
 
 
-def check_weights(model: nn.Module, weights: dict[str, Any], sources: dict[str, Path]) -> None:
-    """Every expected tensor present with the right shape, and nothing unknown.
+def check_tensors(
+    tensors: dict[str, Any], expected: dict[str, Any], where: Path | str | dict[str, Path], context: str = "this run"
+) -> None:
+    """Every tensor of `expected` is in `tensors` with the same shape, and nothing else.
+
+    Args:
+        where: the file the tensors came from, or one file per tensor name.
 
     Raises:
-        CheckpointError: naming the tensor and the file it came from.
+        CheckpointError: naming the file and the first tensor that is unknown, misshapen or missing.
     """
-    expected = dict(tree_flatten(model.parameters()))
-    for name, value in weights.items():
-        where = sources.get(name, "weights")
+
+    def at(name: str) -> Path | str:
+        return where.get(name, "weights") if isinstance(where, dict) else where
+
+    for name, value in tensors.items():
         if name not in expected:
-            raise CheckpointError(f"{where}: unknown tensor {name!r} for this OpenELM config")
+            raise CheckpointError(f"{at(name)}: unknown tensor {name!r} for {context}")
         if tuple(value.shape) != tuple(expected[name].shape):
             raise CheckpointError(
-                f"{where}: tensor {name!r} has shape {tuple(value.shape)}, config expects {tuple(expected[name].shape)}"
+                f"{at(name)}: tensor {name!r} has shape {tuple(value.shape)}, {context} expects "
+                f"{tuple(expected[name].shape)}"
             )
-    missing = sorted(set(expected) - set(weights))
+    missing = sorted(set(expected) - set(tensors))
     if missing:
-        files = ", ".join(sorted(map(str, set(sources.values())))) or "weights"
-        raise CheckpointError(f"{files}: missing tensor(s) {', '.join(missing[:5])}")
+        files = ", ".join(sorted(map(str, set(where.values())))) if isinstance(where, dict) else str(where)
+        raise CheckpointError(f"{files or 'weights'}: missing tensor(s) {', '.join(missing[:5])}")
+
+
+def check_weights(model: nn.Module, weights: dict[str, Any], sources: dict[str, Path]) -> None:
+    """A model's weights: every parameter present with its shape, nothing unknown (see `check_tensors`)."""
+    check_tensors(weights, dict(tree_flatten(model.parameters())), sources, "this OpenELM config")
 
 
 def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
