@@ -319,7 +319,7 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
         add_adapters(model, num_layers, params, dora)
     except OptionError as e:
         raise CheckpointError(f"{config_path}: {e.detail}") from None
-    check_tensors(weights_path, weights, dict(tree_flatten(model.trainable_parameters())))
+    check_tensors(weights, dict(tree_flatten(model.trainable_parameters())), weights_path, "these adapters")
     model.load_weights(list(weights.items()), strict=False)
     model.eval()
     mx.eval(model.parameters())

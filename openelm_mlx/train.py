@@ -449,9 +449,9 @@ class Trainer:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise CheckpointError(f'{state_file}: "step" must be a non-negative integer')
         weights = load_safetensors(folder / self.weights_file)
-        check_tensors(folder / self.weights_file, weights, dict(tree_flatten(self.model.trainable_parameters())))
+        check_tensors(weights, dict(tree_flatten(self.model.trainable_parameters())), folder / self.weights_file)
         opt_flat = load_safetensors(folder / "optimizer.safetensors")
-        check_tensors(folder / "optimizer.safetensors", opt_flat, dict(tree_flatten(self.optimizer.state)))
+        check_tensors(opt_flat, dict(tree_flatten(self.optimizer.state)), folder / "optimizer.safetensors")
         self.model.load_weights(list(weights.items()), strict=False)  # the trainable ones: all checked above
         self.optimizer.state = tree_unflatten(list(opt_flat.items()))
         self._build()  # the compiled steps captured the previous state objects

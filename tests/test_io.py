@@ -84,7 +84,7 @@ def test_wrong_shape_names_file_and_tensor(tiny_model, tmp_path):
     with pytest.raises(
         CheckpointError,
         match=r"model.safetensors: tensor 'transformer.layers.1.ffn.proj_2.weight' "
-        r"has shape \(64, 10\), config expects \(64, 128\)",
+        r"has shape \(64, 10\), this OpenELM config expects \(64, 128\)",
     ):
         load_model(path)
 
