@@ -21,11 +21,11 @@ from mlx.utils import tree_flatten
 from openelm_mlx.arch import resolve_arch
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import CheckpointError, ConfigError, OptionError
-from openelm_mlx.fs import atomic_output_dir, require_regular_file
+from openelm_mlx.fs import atomic_output_dir, check_output, require_regular_file
 from openelm_mlx.hub import download
 from openelm_mlx.io import check_tokenizer, dtype_name, load_model, model_config_dict, parse_dtype, read_config
 from openelm_mlx.model import Model
-from openelm_mlx.quantize import QuantRecipe, bits_per_weight, quantize_model
+from openelm_mlx.quantize import QuantRecipe, bits_per_weight, check_settings, quantize_model
 from openelm_mlx.tokenizer import TOKENIZER_FILE, Tokenizer, find_tokenizer, uses_chat_template
 from openelm_mlx.weights import (
     INDEX_FILE,
@@ -232,6 +232,9 @@ def convert(
         CheckpointError / OptionError / HubError: naming the file and tensor; nothing is written.
     """
     tic = time.perf_counter()
+    check_output(dst, force, "model", (src,))  # before anything is downloaded or read
+    if quantize:
+        check_settings(q_bits, q_group_size, prefix="q_")
     recipe = QuantRecipe(q_bits, q_group_size) if quantize else None
     source = open_source(src)
     config = _source_config(source, arch, arch_config)
@@ -300,6 +303,7 @@ def export(
     from mlx_lm.utils import dequantize_model
 
     tic = time.perf_counter()
+    check_output(dst, force, "hf-model", (src,))
     src = Path(src)
     model = load_model(src, lazy=True)
     if any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters())):

@@ -298,6 +298,3 @@ def _stored_total(model: nn.Module, recipe: QuantRecipe) -> float:
 def _bpw_at(model: nn.Module, base: QuantRecipe, free: dict[str, Any], bits: int) -> float:
     over = {p: {"bits": bits, "group_size": base.group_size} for p in free}
     return planned_bits_per_weight(model, QuantRecipe(base.bits, base.group_size, {**over, **base.overrides}))
-
-
-# ---------------------------------------------------------------- folders

@@ -66,16 +66,27 @@ def read_documents(paths: Sequence[str | Path]) -> Iterator[str]:
         if path.suffix not in JSONL_SUFFIXES:
             yield text
             continue
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
+        for where, record in jsonl_lines(path, text):
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f'{path}, line {n}: no string "text" field')
+                raise DataError(f'{where}: no string "text" field')
             yield valid_unicode(record["text"])  # a JSON "\\ud800" is not text SentencePiece can take
+
+
+def jsonl_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    """(where, parsed value) for each non-empty line of a JSONL file's `text`, `where` being "file, line N".
+
+    Raises:
+        DataError: naming the line, for invalid or runaway-nested JSON.
+    """
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            value = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise DataError(f"{where}: invalid JSON ({getattr(e, 'msg', 'too deeply nested')})") from None
+        yield where, value
 
 
 def _fingerprint(files: Sequence[Path], tokenizer_file: Path) -> str:
@@ -242,17 +253,9 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
     """
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    records = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {n}"
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise DataError(f"{where}: invalid JSON ({getattr(e, 'msg', 'too deeply nested')})") from None
+    records = list(jsonl_lines(path, _read_text(path)))
+    for where, record in records:
         check_record(record, where)
-        records.append((where, record))
     return records
 
 

@@ -90,12 +90,19 @@ def _carry_over(old: Path, new: Path) -> None:
             os.rename(entry, new / entry.name)
 
 
-def check_output(dest: str | Path, force: bool = False, kind: str = "model", inputs: Sequence[str | Path] = ()) -> None:
+def check_output(
+    dest: str | Path,
+    force: bool = False,
+    kind: str = "model",
+    inputs: Sequence[str | Path] = (),
+    writes: Sequence[str] = (),
+) -> None:
     """Refuse, before any work is done, an output folder that would lose something.
 
     Refused: `dest` is one of the `inputs` (or a file); it holds a different kind of openelm-mlx output
-    (a model where adapters would go, ...); it is someone else's non-empty folder and not `force`; or,
-    for models, it holds a stranger's `model*.safetensors` that loaders would read beside ours.
+    (a model where adapters would go, ...); it is someone else's non-empty folder and not `force`; it
+    holds an entry of someone else's named like one the output `writes`; or, for models, it holds a
+    stranger's `model*.safetensors` that loaders would read beside ours.
 
     Raises:
         CheckpointError / OptionError (`force`): naming the folder.
@@ -121,11 +128,12 @@ def check_output(dest: str | Path, force: bool = False, kind: str = "model", inp
             "folder; with force only files openelm-mlx writes are replaced, nothing else in the folder is touched)",
         )
     theirs = entries - (record[0] if record else set())
-    strangers = sorted(n for n in theirs if fnmatch.fnmatch(n, WEIGHT_PATTERN)) if kind in WEIGHT_KINDS else []
+    strangers = sorted(theirs & set(writes))
+    strangers += sorted(n for n in theirs - set(writes) if fnmatch.fnmatch(n, WEIGHT_PATTERN) and kind in WEIGHT_KINDS)
     if strangers:
         raise CheckpointError(
-            f"{dest}: holds {', '.join(strangers)}, which openelm-mlx did not write and loaders would read as "
-            "weights; move it away or choose another folder"
+            f"{dest}: holds {', '.join(strangers)}, which openelm-mlx did not write and would replace or read "
+            "beside its output; move it away or choose another folder"
         )
 
 

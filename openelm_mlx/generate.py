@@ -11,7 +11,7 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -20,7 +20,7 @@ from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .errors import OptionError, check_range
+from .errors import OptionError, check_range, settings_field
 from .tokenizer import Message, Tokenizer
 
 Prompt = str | Sequence[Message] | Sequence[int]
@@ -50,32 +50,23 @@ class GenerationConfig:
         num_draft_tokens: tokens a draft model proposes per step (speculative decoding).
     """
 
-    max_tokens: int = field(default=256, metadata={"help": "Most tokens to generate."})
-    temp: float = field(default=0.0, metadata={"help": "Sampling temperature (0: greedy)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1] (1: off)."})
-    top_k: int = field(default=0, metadata={"help": "Sample among the k likeliest tokens (0: off)."})
-    min_p: float = field(default=0.0, metadata={"help": "Drop tokens below min_p x the top probability (0: off)."})
-    repetition_penalty: float | None = field(
-        default=None, metadata={"help": "Penalty for repeating recent tokens; Apple's model card suggests 1.2."}
+    max_tokens: int = settings_field(256, "Most tokens to generate.")
+    temp: float = settings_field(0.0, "Sampling temperature (0: greedy).")
+    top_p: float = settings_field(1.0, "Nucleus sampling mass in (0, 1] (1: off).")
+    top_k: int = settings_field(0, "Sample among the k likeliest tokens (0: off).")
+    min_p: float = settings_field(0.0, "Drop tokens below min_p x the top probability (0: off).")
+    repetition_penalty: float | None = settings_field(
+        None, "Penalty for repeating recent tokens; Apple's model card suggests 1.2."
     )
-    repetition_context_size: int = field(
-        default=20, metadata={"help": "How many recent tokens the repetition penalty looks at."}
+    repetition_context_size: int = settings_field(20, "How many recent tokens the repetition penalty looks at.")
+    seed: int | None = settings_field(None, "Random seed (same seed, same sample).")
+    stop: tuple[str, ...] = settings_field((), "Stop at this string (repeatable; not printed).")
+    max_kv_size: int | None = settings_field(None, "Rotating KV cache of this many tokens (>= 8), for long runs.")
+    kv_bits: int | None = settings_field(None, "Quantize the KV cache to this many bits (4 or 8 are typical).")
+    kv_group_size: int | None = settings_field(
+        None, "Group size of the quantized KV cache (default: 64, or 32 when 64 does not divide head_dim)."
     )
-    seed: int | None = field(default=None, metadata={"help": "Random seed (same seed, same sample)."})
-    stop: tuple[str, ...] = field(default=(), metadata={"help": "Stop at this string (repeatable; not printed)."})
-    max_kv_size: int | None = field(
-        default=None, metadata={"help": "Rotating KV cache of this many tokens (>= 8), for long runs."}
-    )
-    kv_bits: int | None = field(
-        default=None, metadata={"help": "Quantize the KV cache to this many bits (4 or 8 are typical)."}
-    )
-    kv_group_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Group size of the quantized KV cache (default: 64, or 32 when 64 does not divide head_dim)."
-        },
-    )
-    num_draft_tokens: int = field(default=3, metadata={"help": "Tokens the draft model proposes per step."})
+    num_draft_tokens: int = settings_field(3, "Tokens the draft model proposes per step.")
 
     def __post_init__(self) -> None:
         check_range("max_tokens", self.max_tokens, 1, MAX_TOKENS, integer=True)

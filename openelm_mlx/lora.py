@@ -210,8 +210,8 @@ def make_config(
     """A `LoraConfig` from, in rising priority: `values` (defaults), the recipe, the YAML file, and the
     `explicit` keys of `values` (settings the user gave directly)."""
     from_file = read_config_file(config_file) if config_file is not None else {}
-    recipe = recipe or from_file.pop("recipe", None)
-    from_file.pop("recipe", None)
+    file_recipe = from_file.pop("recipe", None)
+    recipe = recipe or file_recipe
     if recipe is not None and recipe not in RECIPES:
         raise OptionError("recipe", f"must be one of {', '.join(RECIPES)}, got {recipe!r}")
     chosen = {k: values[k] for k in (explicit if explicit is not None else set(values)) if k in values}
@@ -384,7 +384,16 @@ def fuse_adapters(model: nn.Module, probe: mx.array, dequantize: bool = False) -
 def prepare_adapter_folder(out: Path, config: LoraConfig) -> Path | None:
     """The training run-folder rules (`train.prepare_run_folder`) applied to the adapter folder."""
     inputs = (config.model, config.data)
-    return prepare_run_folder(out, RUN_FILES, config.resume, config.overwrite, "adapter_path", (), "adapters", inputs)
+    return prepare_run_folder(
+        out,
+        RUN_FILES,
+        resume=config.resume,
+        overwrite=config.overwrite,
+        option="adapter_path",
+        kind="adapters",
+        inputs=inputs,
+        writes=(ADAPTERS_FILE, ADAPTER_CONFIG_FILE),
+    )
 
 
 def load_splits(config: LoraConfig, tokenizer: Any, max_seq_len: int) -> dict[str, FinetuneData]:
@@ -429,7 +438,7 @@ def _check_resume(expected: dict[str, Any], state: dict[str, Any], folder: Path)
         raise OptionError("resume", f"{folder} was made with other adapter settings ({saved['lora_parameters']})")
 
 
-def finetune(config: LoraConfig, progress: bool = True, model: Any = None, tokenizer: Any = None) -> dict[str, float]:
+def finetune(config: LoraConfig, progress: bool = False, model: Any = None, tokenizer: Any = None) -> dict[str, float]:
     """Train adapters on `config.data` and save them in `config.adapter_path` (rank 0 writes).
 
     `model`/`tokenizer` default to loading `config.model`. Returns the final metrics (step, loss,
@@ -437,13 +446,16 @@ def finetune(config: LoraConfig, progress: bool = True, model: Any = None, token
     """
     from .io import load
 
+    for name in ("model", "data", "adapter_path"):
+        if not getattr(config, name):
+            raise OptionError(name, "is needed (as a setting or in the config file)")
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     out = Path(config.adapter_path)
+    ckpt = prepare_adapter_folder(out, config) if rank == 0 else None  # before any loading or tokenizing
     if model is None:
         model, tokenizer = load(config.model, config.tokenizer)
     splits = load_splits(config, tokenizer, config.max_seq_len or model.config.max_context_length)
-    ckpt = prepare_adapter_folder(out, config) if rank == 0 else None
     steps = total_steps(config, len(splits["train"]), world)
     mx.random.seed(config.seed)
     add_adapters(model, num_adapted_layers(config, model), lora_parameters(config), config.dora)

@@ -23,7 +23,7 @@ from .data import TokenData, data_files, read_documents, tokenize_to_file
 from .errors import DataError, OptionError, check_range, settings_field
 from .io import parse_dtype, save
 from .model import Model
-from .tokenizer import Tokenizer
+from .tokenizer import TOKENIZER_FILE, Tokenizer
 from .train import (
     CHECKPOINTS,
     OptimizerConfig,
@@ -164,7 +164,8 @@ class PretrainConfig:
     seed: int = settings_field(0, "Seed for initialisation and data order.")
     resume: bool = settings_field(False, "Continue from the latest checkpoint in the out folder.")
     overwrite: bool = settings_field(
-        False, "Start afresh in an out folder that holds an earlier run (its log, checkpoints and model go)."
+        False,
+        "Start afresh in an out folder that holds an earlier run (its log and checkpoints go; the model is replaced).",
     )
 
     def __post_init__(self) -> None:
@@ -186,7 +187,7 @@ class PretrainConfig:
 RUN_FILES = ("log.jsonl", "train_config.json", CHECKPOINTS)
 
 
-def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) -> dict[str, float]:
+def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = False) -> dict[str, float]:
     """Train `config` from scratch (or resume) on `run.data`; the final model is saved in `run.out`.
 
     Returns:
@@ -198,7 +199,16 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = True) 
     out = Path(run.out)
     tokenizer = _load_tokenizer(config, run)
     ckpt = (
-        prepare_run_folder(out, RUN_FILES, run.resume, run.overwrite, "out", ("config.json",), "model", run.data)
+        prepare_run_folder(
+            out,
+            RUN_FILES,
+            resume=run.resume,
+            overwrite=run.overwrite,
+            option="out",
+            used_marks=("config.json",),
+            inputs=run.data,
+            writes=_model_files(out, run.tokenizer),
+        )
         if rank == 0
         else None
     )
@@ -249,6 +259,12 @@ def _load_tokenizer(config: OpenELMConfig, run: PretrainConfig) -> Tokenizer:
             f"{run.tokenizer} has {tokenizer.vocab_size} pieces but the model's vocab_size is {config.vocab_size}",
         )
     return tokenizer
+
+
+def _model_files(out: Path, tokenizer: str) -> tuple[str, ...]:
+    """What the final save writes besides weights (the tokenizer may already be the run folder's own)."""
+    own = (out / TOKENIZER_FILE).exists() and os.path.samefile(out / TOKENIZER_FILE, tokenizer)
+    return ("config.json", "tokenizer_config.json") + (() if own else (TOKENIZER_FILE,))
 
 
 def _prepare_data(run: PretrainConfig, tokenizer: Tokenizer, out: Path, rank: int, world: int, group: Any) -> TokenData:

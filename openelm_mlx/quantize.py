@@ -21,7 +21,7 @@ QUANTIZABLE = (nn.Linear, nn.Embedding)
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
-def check_settings(bits: Any, group_size: Any, prefix: str = "q_") -> None:
+def check_settings(bits: Any, group_size: Any, prefix: str = "") -> None:
     """Raise OptionError, naming `{prefix}bits` or `{prefix}group_size`, unless MLX's affine quantization
     supports these settings."""
     if bits not in Q_BITS or isinstance(bits, bool):

@@ -16,10 +16,10 @@ import numpy as np
 from mlx_lm.utils import dequantize_model
 
 from .calibrate import allocate_bits, gptq_quantize, make_safe, measure_sensitivity
-from .errors import CheckpointError, OptionError, TokenizerNotFoundError, check_range
+from .errors import CheckpointError, OptionError, TokenizerNotFoundError, check_range, settings_field
 from .eval import make_windows, mean_kl, perplexity, text_windows
 from .fs import check_output
-from .io import load, load_model, save
+from .io import load_model, save
 from .quantize import (
     QUANTIZED,
     QuantRecipe,
@@ -32,6 +32,7 @@ from .quantize import (
     quantize_model,
     with_embedding_bits,
 )
+from .tokenizer import find_tokenizer
 
 METHODS = ("rtn", "gptq")
 BUILTIN_TEXT = (
@@ -39,10 +40,6 @@ BUILTIN_TEXT = (
     "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n"
     "def main():\n    print('hello, world')\n\nThe capital of France is Paris; 1, 2, 3, 4, 5, 6, 7, 8, 9, 10.\n"
 )
-
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 def _paths(value: Any) -> tuple[str, ...]:
@@ -57,22 +54,24 @@ class QuantizeOptions:
     `calib` and `eval_data` take paths (one or several); `embedding_bits` a bit width ("6" or 6) or "float".
     """
 
-    bits: int = _opt(4, "Bits per weight: 2, 3, 4, 5, 6 or 8.")
-    group_size: int = _opt(64, "Quantization group size: 32, 64 or 128.")
-    recipe: str | None = _opt(None, "Mixed precision: mixed_3_6 or mixed_4_6 (6 bits for sensitive parts).")
-    target_bpw: float | None = _opt(None, "Allocate bits per layer from measured sensitivity (needs --calib).")
-    method: str = _opt("rtn", "rtn (round to nearest) or gptq (needs --calib).")
-    calib: tuple[str, ...] = _opt((), "Calibration text (.txt/.jsonl); repeatable.")
-    embedding_bits: str | None = _opt(None, "Bits for the embedding and tied output head, or 'float'.")
+    bits: int = settings_field(4, "Bits per weight: 2, 3, 4, 5, 6 or 8.")
+    group_size: int = settings_field(64, "Quantization group size: 32, 64 or 128.")
+    recipe: str | None = settings_field(None, "Mixed precision: mixed_3_6 or mixed_4_6 (6 bits for sensitive parts).")
+    target_bpw: float | None = settings_field(
+        None, "Allocate bits per layer from measured sensitivity (needs --calib)."
+    )
+    method: str = settings_field("rtn", "rtn (round to nearest) or gptq (needs calibration text).")
+    calib: tuple[str, ...] = settings_field((), "Calibration text (.txt/.jsonl); repeatable.")
+    embedding_bits: str | None = settings_field(None, "Bits for the embedding and tied output head, or 'float'.")
     eval_data: tuple[str, ...] = ()
-    seq_len: int = _opt(256, "Window length for calibration and evaluation.")
-    num_samples: int = _opt(32, "Windows of calibration/evaluation text to use.")
+    seq_len: int = settings_field(256, "Window length for calibration and evaluation.")
+    num_samples: int = settings_field(32, "Windows of calibration/evaluation text to use.")
     batch_size: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "calib", _paths(self.calib))
         object.__setattr__(self, "eval_data", _paths(self.eval_data))
-        check_settings(self.bits, self.group_size, prefix="")
+        check_settings(self.bits, self.group_size)
         if self.recipe is not None:
             check_recipe(self.recipe)
             if self.bits != QuantizeOptions.bits:
@@ -106,11 +105,12 @@ class QuantizeReport:
 
 
 def _load(src: str | Path) -> tuple[nn.Module, Any]:
-    """The model and its tokenizer (None if the folder has none)."""
+    """The model and its tokenizer (None if the folder has none), the model loaded once."""
+    model = load_model(src)
     try:
-        return load(src)
+        return model, find_tokenizer(Path(src))
     except TokenizerNotFoundError:
-        return load_model(src), None
+        return model, None
 
 
 def _is_quantized(model: nn.Module) -> bool:

@@ -207,8 +207,8 @@ def find_tokenizer(
         if not path.is_file():
             raise TokenizerNotFoundError(
                 f"{model_dir} has no {TOKENIZER_FILE} (Apple's OpenELM repos ship none). OpenELM uses the LLaMA "
-                f"tokenizer: pass `--tokenizer {LLAMA_TOKENIZER_REPO}` (or `tokenizer=` in Python) with a Hub repo "
-                f"or a local tokenizer.model, or copy a tokenizer.model into {model_dir}."
+                f"tokenizer: give it as the tokenizer ({LLAMA_TOKENIZER_REPO} from the Hub, or a local "
+                f"tokenizer.model), or copy a tokenizer.model into {model_dir}."
             )
         return Tokenizer(path, chat_template)
     path = Path(tokenizer)

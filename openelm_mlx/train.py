@@ -159,7 +159,7 @@ class Evaluate:
 class Logger:
     """One JSON line per step in `path` and a progress bar on stderr (loss, tokens/s, peak memory)."""
 
-    def __init__(self, path: Path, total: int, start: int = 0, enabled: bool = True, progress: bool = True):
+    def __init__(self, path: Path, total: int, start: int = 0, enabled: bool = True, progress: bool = False):
         self.enabled, self.file, self.bar = enabled, None, None
         if not enabled:
             return
@@ -240,16 +240,19 @@ class Checkpointer:
 def prepare_run_folder(
     out: Path,
     run_files: Sequence[str],
+    *,
     resume: bool,
     overwrite: bool,
     option: str,
     used_marks: Sequence[str] = (),
     kind: str = "model",
     inputs: Sequence[str | Path] = (),
+    writes: Sequence[str] = (),
 ) -> Path | None:
     """The run-folder rules of every training command; returns the checkpoint to resume from, if any.
 
-    Checked before any training: `out` is no input and holds no other kind of output (`fs.check_output`).
+    Checked before any training (`fs.check_output`): `out` is no input, holds no other kind of output and
+    no entry of someone else's where the run `writes` one.
     A folder holding an earlier run (any of `run_files` or `used_marks`) is refused unless `resume`
     (continue from its newest complete checkpoint) or `overwrite` (its run files and checkpoints go;
     anything else, even inside `checkpoints/`, stays). Temporaries of a killed checkpoint write are removed.
@@ -258,7 +261,7 @@ def prepare_run_folder(
         OptionError: a used folder without resume/overwrite, or resume with no checkpoint.
         CheckpointError: see `fs.check_output`.
     """
-    check_output(out, force=True, kind=kind, inputs=inputs)
+    check_output(out, force=True, kind=kind, inputs=inputs, writes=writes)
     stale = list((out / CHECKPOINTS).glob(".step_*.tmp-*"))
     for tmp in stale:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -481,7 +484,7 @@ def run_training(
     files: dict[str, str] | None = None,
     check_state: Callable[[dict[str, Any], Path], None] | None = None,
     steps_option: str = "steps",
-    progress: bool = True,
+    progress: bool = False,
 ) -> dict[str, float]:
     """A training run in `out`: resume, then `trainer.fit` with evaluation, log.jsonl and checkpoints.
 

@@ -452,7 +452,7 @@ def test_overwrite_keeps_user_files_and_strangers_weights_are_refused_before_tra
     other.mkdir()
     (other / "model.safetensors").write_text("not ours")
     result = run(*pretrain_args(run_inputs, other))
-    one_error(result, "model.safetensors", "loaders would read as weights")
+    one_error(result, "model.safetensors", "did not write and would replace or read beside its output")
     assert "step" not in result.output and sorted(p.name for p in other.iterdir()) == ["model.safetensors"]
 
 

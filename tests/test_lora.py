@@ -170,16 +170,21 @@ def test_checkpoints_keep_the_newest_and_a_hand_edited_state_is_named(task, tmp_
 def test_a_used_adapter_path_is_refused_unless_resume_or_overwrite(task, tmp_path):
     out = tmp_path / "used"
     out.mkdir()
-    (out / "adapters.safetensors").write_bytes(b"x")
+    (out / "adapters.safetensors").write_bytes(b"x")  # someone's own adapters (e.g. from mlx-lm): never replaced
     (out / "notes.txt").write_text("mine")
     cfg = dict(model=str(DEMO_DIR), data=str(task), adapter_path=str(out))
+    for extra in ({}, {"overwrite": True}):
+        with pytest.raises(CheckpointError, match="adapters.safetensors, which openelm-mlx did not write"):
+            prepare_adapter_folder(out, LoraConfig(**cfg, **extra))
+    (out / "adapters.safetensors").unlink()
+    _run(task, out, iters=2, save_every=0)  # an earlier run of ours
     with pytest.raises(OptionError, match="holds an earlier run") as e:
         prepare_adapter_folder(out, LoraConfig(**cfg))
     assert e.value.option == "adapter_path"
     with pytest.raises(OptionError, match="no checkpoint"):
         prepare_adapter_folder(out, LoraConfig(**cfg, resume=True))
     assert prepare_adapter_folder(out, LoraConfig(**cfg, overwrite=True)) is None
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert "notes.txt" in {p.name for p in out.iterdir()} and not (out / "log.jsonl").exists()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from typing import Annotated, Any
 import typer
 
 from .. import blas
-from ..errors import OpenELMError, OptionError
+from ..errors import OpenELMError, OptionError, TokenizerNotFoundError
+from ..tokenizer import LLAMA_TOKENIZER_REPO
 
 app = typer.Typer(
     help="Run, convert, quantize, fine-tune, serve and pretrain Apple's OpenELM models with MLX.",
@@ -33,9 +34,11 @@ def flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
-def error_line(e: BaseException) -> str:
-    """The one line a user sees for an error they caused."""
-    if isinstance(e, OptionError):
+def error_line(e: BaseException, tokenizer_option: bool = False) -> str:
+    """The one line a user sees for an error they caused (`tokenizer_option`: the command has --tokenizer)."""
+    if isinstance(e, TokenizerNotFoundError) and tokenizer_option:
+        line = f"{e} With this command: --tokenizer {LLAMA_TOKENIZER_REPO}"
+    elif isinstance(e, OptionError):
         line = f"{flag(e.option) if e.option.isidentifier() else e.option}: {e.detail}"
     elif isinstance(e, OSError) and not isinstance(e, OpenELMError):
         where = f"{e.filename}: " if e.filename else ""
@@ -62,8 +65,11 @@ class _StderrHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Errors a user can cause print one line on stderr and exit 1; bugs keep their traceback."""
+def user_errors(tokenizer_option: bool = False) -> Iterator[None]:
+    """Errors a user can cause print one line on stderr and exit 1; bugs keep their traceback.
+
+    `tokenizer_option`: the command takes --tokenizer, so a missing tokenizer's message can name it.
+    """
     warnings.formatwarning = _warning_line  # a plain line, not the source line of the warning
     logger = logging.getLogger("openelm_mlx")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
@@ -74,7 +80,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (OpenELMError, OSError) as e:
-        typer.echo(f"error: {error_line(e)}", err=True)
+        typer.echo(f"error: {error_line(e, tokenizer_option)}", err=True)
         raise typer.Exit(1) from None
 
 

@@ -108,6 +108,12 @@ def bench(
             raise OptionError("compare", f"must be mlx-lm or none, got {compare!r}")
         if quantize is not None and quantize not in (4, 8):
             raise OptionError("quantize", f"must be 4 or 8, got {quantize}")
+        if quantize is None and group_size != 64:
+            raise OptionError("group_size", "takes effect only with --quantize")
+        if quantize is not None:
+            from ..quantize import check_settings
+
+            check_settings(quantize, group_size)
         m = _build_model(model, arch, arch_config, dtype, seed)
         if quantize is not None:
             from ..quantize import quantize_model

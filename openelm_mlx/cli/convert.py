@@ -42,7 +42,7 @@ def convert(
     """Convert a Hugging Face or CoreNet OpenELM checkpoint to MLX."""
     from ..convert import convert as run_convert
 
-    with user_errors():
+    with user_errors(tokenizer_option=True):
         if not quantize and (q_bits, q_group_size) != (4, 64):
             raise OptionError("q_bits", "and q_group_size take effect only with -q/--quantize")
         report = run_convert(

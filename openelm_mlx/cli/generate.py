@@ -88,7 +88,7 @@ def generate(
     """Generate text; it streams to stdout (and nothing else goes there)."""
     from ..generate import stream_generate
 
-    with user_errors():
+    with user_errors(tokenizer_option=True):
         config = GenerationConfig(**settings)
         if draft_model is None and config.num_draft_tokens != GenerationConfig.num_draft_tokens:
             raise OptionError("num_draft_tokens", "takes effect only with a draft model")
@@ -119,7 +119,7 @@ def chat(
     Ctrl-C stops the current answer."""
     from ..chat import ChatSession
 
-    with user_errors():
+    with user_errors(tokenizer_option=True):
         config = GenerationConfig(**settings)
         m, tok, _ = load_for_generation(model, tokenizer, adapter_path)
         session = ChatSession(m, tok, config=config, system=system)

@@ -46,17 +46,13 @@ def lora(
 ) -> None:
     """Fine-tune adapters on a frozen model (LoRA, DoRA, or QLoRA on a quantized model); run with `mlx.launch`
     for several processes. The update is scaled by alpha / rank."""
-    from ..errors import OptionError
     from ..lora import finetune, make_config
 
-    with user_errors():
+    with user_errors(tokenizer_option=True):
         paths = {"model": model, "tokenizer": tokenizer, "data": data, "adapter_path": adapter_path}
         given = {k: str(v) for k, v in paths.items() if v is not None}
         cfg = make_config({**settings, **given}, _explicit(ctx, list(settings)) | set(given), recipe, config)
-        for name in ("model", "data", "adapter_path"):
-            if not getattr(cfg, name):
-                raise OptionError(name, "is needed (as an option or in the config file)")
-        metrics = finetune(cfg)
+        metrics = finetune(cfg, progress=True)
         summary = f"step {metrics['step']}: loss {metrics['loss']:.4f}"
         if "val_loss" in metrics:
             summary += f", validation loss {metrics['val_loss']:.4f}"
@@ -79,7 +75,7 @@ def fuse(
     """Merge adapters into the model's weights; checks the fused logits against the adapted model's first."""
     from ..lora import fuse_model
 
-    with user_errors():
+    with user_errors(tokenizer_option=True):
         result = fuse_model(model, adapter_path, output, dequantize, tokenizer, force)
         note = f"fused (logits within {result['fuse_error']:.1e} relative)"
         if "requantize_error" in result:

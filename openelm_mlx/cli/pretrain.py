@@ -49,7 +49,7 @@ def pretrain(
         if config is None:
             raise OptionError("arch", "is needed: give --arch (e.g. OpenELM-270M) or --arch-config FILE")
         run = PretrainConfig(data=[str(d) for d in data], tokenizer=str(tokenizer), out=str(out), **settings)
-        metrics = run_pretraining(config, run)
+        metrics = run_pretraining(config, run, progress=True)
         summary = f"step {metrics['step']}: loss {metrics.get('loss', float('nan')):.4f}"
         if "val_loss" in metrics:
             summary += f", held-out loss {metrics['val_loss']:.4f}"

@@ -40,7 +40,7 @@ def serve(
 
     Point any OpenAI client or chat front-end at http://HOST:PORT/v1. Ctrl-C (or SIGTERM) stops it.
     """
-    with user_errors():
+    with user_errors(tokenizer_option=True):
         check_range("port", port, 1, 65535, integer=True)
         check_range("max_tokens_limit", max_tokens_limit, 1, integer=True)
         check_range("max_kv_size", max_kv_size, MIN_KV_SIZE, integer=True)
