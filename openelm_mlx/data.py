@@ -304,6 +304,8 @@ def load_split(path: Path, tok: FinetuneTokenizer, max_seq_len: int, mask_prompt
         examples.append(Example(np.asarray(ids, np.int32), np.asarray(counts[1:], np.float32)))
     if not examples:
         raise DataError(f"{path}: file has no examples")
+    if not any(e.weights.any() for e in examples):
+        raise DataError(f"{path}: no token is left to learn from (the completions are masked or cut at {max_seq_len})")
     if cut:
         log.warning(
             "%s: %d of %d examples are longer than %d tokens and were truncated", path, cut, len(examples), max_seq_len

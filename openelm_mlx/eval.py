@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import read_documents
-from .errors import DataError, check_range
+from .errors import DataError, OptionError, check_range
 from .train import lm_loss
 
 
@@ -71,6 +71,13 @@ def text_windows(tokenizer: Any, paths: Sequence[str | Path], seq_len: int, num_
     return make_windows(read_tokens(tokenizer, paths), seq_len, tokenizer.bos_id, num_samples, str(paths[0]))
 
 
+def check_context(model: nn.Module, seq_len: int) -> None:
+    """Windows must fit the model's context: past it, RoPE runs but the scores mean nothing."""
+    limit = model.config.max_context_length
+    if seq_len > limit:
+        raise OptionError("seq_len", f"{seq_len} is more than the model's max_context_length {limit}")
+
+
 def _batches(windows: mx.array, batch_size: int, progress: bool, desc: str):
     check_range("batch_size", batch_size, 1, integer=True)
     starts = range(0, len(windows), batch_size)
@@ -79,7 +86,12 @@ def _batches(windows: mx.array, batch_size: int, progress: bool, desc: str):
 
 
 def perplexity(model: nn.Module, windows: mx.array, batch_size: int = 8, progress: bool = False) -> Perplexity:
-    """Perplexity of `model` on `windows` (from `make_windows`); a tqdm bar on stderr with `progress`."""
+    """Perplexity of `model` on `windows` (from `make_windows`); a tqdm bar on stderr with `progress`.
+
+    Raises:
+        OptionError: windows longer than the model's context (`seq_len`).
+    """
+    check_context(model, windows.shape[1] - 1)
     total, count = 0.0, 0
     for batch in _batches(windows, batch_size, progress, "perplexity"):
         loss, n = lm_loss(model, batch[:, :-1], batch[:, 1:])

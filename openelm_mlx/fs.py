@@ -90,6 +90,18 @@ def _carry_over(old: Path, new: Path) -> None:
             os.rename(entry, new / entry.name)
 
 
+def output_path(dest: str | Path) -> Path:
+    """The absolute folder to write: through a symlink to its target (the link stays a link).
+
+    Raises:
+        OptionError: the path is empty.
+    """
+    if not str(dest).strip():
+        raise OptionError("output", "is an empty path")
+    dest = Path(dest).absolute()
+    return dest.resolve() if dest.is_symlink() else dest
+
+
 def check_output(
     dest: str | Path,
     force: bool = False,
@@ -107,7 +119,7 @@ def check_output(
     Raises:
         CheckpointError / OptionError (`force`): naming the folder.
     """
-    dest = Path(dest).absolute()
+    dest = output_path(dest)
     for given in inputs:
         if Path(given).exists() and dest.exists() and os.path.samefile(given, dest):
             raise CheckpointError(f"{dest}: is also an input ({given}); write the output to another folder")
@@ -181,7 +193,7 @@ def atomic_output_dir(
         CheckpointError: see `check_output`; or `dest` holds an entry of someone else's where ours would go.
         OptionError: `dest` is a folder of someone else's and `force` is not set.
     """
-    dest = Path(dest).absolute()
+    dest = output_path(dest)
     check_output(dest, force, kind, inputs)
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover(dest)
@@ -196,6 +208,7 @@ def atomic_output_dir(
         if not dest.exists():
             os.rename(tmp, dest)
             return
+        os.chmod(tmp, stat.S_IMODE(dest.stat().st_mode))  # the folder keeps its permissions
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
         os.rmdir(old)
         os.rename(dest, old)

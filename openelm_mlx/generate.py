@@ -8,6 +8,7 @@ Instruct template and stop strings.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -87,7 +88,7 @@ class GenerationConfig:
             raise OptionError("kv_group_size", "takes effect only with kv_bits (a quantized KV cache)")
         if self.kv_bits is not None and self.max_kv_size is not None:
             raise OptionError("kv_bits", "cannot be combined with max_kv_size (a rotating cache cannot be quantized)")
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        stops = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) for s in stops):
             raise OptionError("stop", f"must be strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(s for s in stops if s))
@@ -150,6 +151,19 @@ def check_draft_model(model: nn.Module, draft_model: nn.Module) -> None:
         raise OptionError("draft_model", f"has a vocabulary of {theirs} tokens, the model {ours}: they must match")
 
 
+def check_prompt_ids(model: nn.Module, prompt_ids: Sequence[int]) -> None:
+    """A prompt is at least one token, each an int id in the model's vocabulary.
+
+    Raises:
+        OptionError: naming the prompt.
+    """
+    if not prompt_ids:
+        raise OptionError("prompt", "is empty")
+    vocab = model.config.vocab_size
+    if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab for t in prompt_ids):
+        raise OptionError("prompt", f"token ids must be whole numbers in [0, {vocab})")
+
+
 def token_steps(
     model: nn.Module,
     prompt_ids: Sequence[int],
@@ -160,11 +174,7 @@ def token_steps(
     prompt_cache: list[Any] | None = None,
 ) -> Iterator[tuple[int, mx.array, bool]]:
     """Yield (token, logprobs, from_draft) until an id in `eos_ids` (not yielded) or `max_tokens`."""
-    if not prompt_ids:
-        raise OptionError("prompt", "is empty")
-    vocab = model.config.vocab_size
-    if any(not 0 <= int(t) < vocab for t in prompt_ids):
-        raise OptionError("prompt", f"holds token ids outside the model's vocabulary of {vocab}")
+    check_prompt_ids(model, prompt_ids)
     if config.seed is not None:
         mx.random.seed(config.seed)
     sampler, processors = make_sampling(config)
@@ -231,6 +241,8 @@ def encode_prompt(
     Raises:
         OptionError: `system` given for a prompt that is not rendered with the chat template.
     """
+    if not isinstance(prompt, str) and not prompt:
+        raise OptionError("prompt", "is empty (no text, messages or token ids)")
     if isinstance(prompt, str):
         use_chat = tokenizer.chat_template if chat is None else chat
         if not use_chat:
@@ -388,6 +400,8 @@ def generate(
     Keyword arguments are `stream_generate`'s (`system`, `chat`, `draft_model`, ...) and the settings
     of `GenerationConfig` (`max_tokens`, `temp`, `stop`, ...).
     """
+    if isinstance(prompt, (list, tuple)) and not prompt:
+        raise OptionError("prompt", "is empty")
     if _is_prompt_list(prompt):
         return generate_batch(model, tokenizer, list(prompt), config=config, **kwargs)
     return "".join(step.text for step in stream_generate(model, tokenizer, prompt, config=config, **kwargs))
@@ -415,8 +429,11 @@ def generate_batch(
     for name in ("max_kv_size", "kv_bits"):
         if getattr(config, name) is not None:
             raise OptionError(name, "is not supported for a batch of prompts")
+    if not prompts:
+        raise OptionError("prompt", "the batch holds no prompts")
     ids = [encode_prompt(tokenizer, p, system, chat) for p in prompts]
     for row in ids:
+        check_prompt_ids(model, row)
         _warn_if_too_long(model, row)
     if config.seed is not None:
         mx.random.seed(config.seed)

@@ -157,6 +157,8 @@ def load(
     from .hub import resolve
     from .tokenizer import find_tokenizer
 
+    if path_or_repo is None or not str(path_or_repo).strip():
+        raise OptionError("model", "is an empty path")
     folder = resolve(path_or_repo)
     model = load_model(folder, lazy=lazy)
     tok = find_tokenizer(folder, tokenizer, chat_template, name=str(path_or_repo))

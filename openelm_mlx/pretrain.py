@@ -76,12 +76,13 @@ def train_tokenizer(
 
     check_range("vocab_size", vocab_size, MIN_VOCAB, 1 << 20, integer=True)
     output = Path(output)
-    _check_tokenizer_output(output, data_files(data), force)
+    files = data_files(data)  # listed before our temporary folder exists (it may be inside a data folder)
+    _check_tokenizer_output(output, files, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tmp-") as tmp:
         corpus = Path(tmp) / "corpus.txt"
         with open(corpus, "w", encoding="utf-8") as f:
-            for doc in read_documents(data):
+            for doc in read_documents(files):
                 f.writelines(line + "\n" for line in doc.splitlines() if line.strip())
         try:
             _train_sentencepiece(spm, corpus, Path(tmp) / "tok", vocab_size, max_sentences)

@@ -17,7 +17,7 @@ from mlx_lm.utils import dequantize_model
 
 from .calibrate import allocate_bits, gptq_quantize, make_safe, measure_sensitivity
 from .errors import CheckpointError, OptionError, TokenizerNotFoundError, check_range, settings_field
-from .eval import make_windows, mean_kl, perplexity, text_windows
+from .eval import check_context, make_windows, mean_kl, perplexity, text_windows
 from .fs import check_output
 from .io import load_model, save
 from .quantize import (
@@ -165,6 +165,7 @@ def quantize_folder(
     tic = time.perf_counter()
     check_output(dst, force, "model", (src,))  # before any calibration work
     model, tok = _load_float(src)
+    check_context(model, opts.seq_len)
     calib = _windows(tok, opts.calib, opts, model.config.vocab_size)
     evaluation = _windows(tok, opts.eval_data, opts, model.config.vocab_size) if opts.eval_data else None
     notes = make_safe(model, calib, str(src))

@@ -540,3 +540,54 @@ def test_a_fifo_as_lora_config_is_refused_not_waited_on(tmp_path):
         tmp_path / "fifo",
     ]
     one_error(run(*args), "not a regular file")
+
+
+# --- found by the second adversarial pass -------------------------------------------------------------------
+
+
+def test_force_through_a_symlink_writes_into_its_target_and_keeps_its_permissions(tiny_model, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep").write_text("mine")
+    os.chmod(real, 0o700)
+    (tmp_path / "link").symlink_to(real)
+    save(tiny_model, tmp_path / "link", force=True)
+    assert (tmp_path / "link").is_symlink() and (real / "keep").read_text() == "mine"
+    assert (real / "model.safetensors").is_file() and real.stat().st_mode & 0o777 == 0o700
+
+
+def test_python_api_refuses_bad_prompts_and_paths(tmp_path):
+    from openelm_mlx.generate import generate
+    from openelm_mlx.tokenizer import Tokenizer
+
+    model, tok = load(DEMO_DIR)
+    for bad in ([[99999]], [[-1]], [], [[]]):
+        with pytest.raises(OptionError, match="prompt"):
+            generate(model, tok, bad, max_tokens=2)
+    assert GenerationConfig(stop=None).stop == ()
+    with pytest.raises(OptionError, match="empty path"):
+        load("")
+    with pytest.raises(OptionError, match="empty path"):
+        save(model, "")
+    assert isinstance(tok, Tokenizer)
+
+
+def test_windows_longer_than_the_context_are_refused(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 400)
+    one_error(run("perplexity", "--model", DEMO_DIR, "--data", text, "--seq-len", "4096"), "--seq-len: 4096 is more")
+
+
+def test_lora_with_nothing_left_to_learn_is_refused(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"prompt": "To be or not to be, that is", "completion": " the question"}\n' * 4)
+    args = ["lora", "--model", DEMO_DIR, "--data", data, "--adapter-path", tmp_path / "a", "--iters", "2"]
+    one_error(run(*args, "--mask-prompt", "--max-seq-len", "2"), "no token is left to learn from")
+
+
+def test_train_tokenizer_may_write_inside_its_data_folder(tmp_path, run_inputs):
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "corpus.txt").write_text(run_inputs[0].read_text())
+    assert run("train-tokenizer", "--data", data, "--vocab-size", "300", "-o", data / "x.model").exit_code == 0
