@@ -12,6 +12,7 @@ import sys
 
 CHILD = """
 import json, sys
+import openelm_mlx  # first: it loads the fast BLAS before mlx.core
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
