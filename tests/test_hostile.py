@@ -591,3 +591,12 @@ def test_train_tokenizer_may_write_inside_its_data_folder(tmp_path, run_inputs):
     data.mkdir()
     (data / "corpus.txt").write_text(run_inputs[0].read_text())
     assert run("train-tokenizer", "--data", data, "--vocab-size", "300", "-o", data / "x.model").exit_code == 0
+
+
+def test_a_closed_pipe_is_not_an_error():
+    import subprocess
+    import sys
+
+    cmd = f"{sys.executable} -m openelm_mlx generate --prompt ROMEO: --max-tokens 300 | head -c 1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert "error" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import os
 import sys
 import typing
 import warnings
@@ -79,6 +80,9 @@ def user_errors(tokenizer_option: bool = False) -> Iterator[None]:
             typer.echo(f"note: {blas.STATE.describe()}", err=True)
     try:
         yield
+    except BrokenPipeError:  # `openelm-mlx ... | head`: the reader has gone, which is no error of the user's
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
     except (OpenELMError, OSError) as e:
         typer.echo(f"error: {error_line(e, tokenizer_option)}", err=True)
         raise typer.Exit(1) from None
