@@ -71,9 +71,10 @@ def text_windows(tokenizer: Any, paths: Sequence[str | Path], seq_len: int, num_
     return make_windows(read_tokens(tokenizer, paths), seq_len, tokenizer.bos_id, num_samples, str(paths[0]))
 
 
-def check_context(model: nn.Module, seq_len: int) -> None:
-    """Windows must fit the model's context: past it, RoPE runs but the scores mean nothing."""
-    limit = model.config.max_context_length
+def check_context(config: Any, seq_len: int) -> None:
+    """Windows must fit the model's context (`config.max_context_length`): past it, RoPE runs but the
+    scores mean nothing, and training there teaches nothing the model will use."""
+    limit = config.max_context_length
     if seq_len > limit:
         raise OptionError("seq_len", f"{seq_len} is more than the model's max_context_length {limit}")
 
@@ -91,7 +92,7 @@ def perplexity(model: nn.Module, windows: mx.array, batch_size: int = 8, progres
     Raises:
         OptionError: windows longer than the model's context (`seq_len`).
     """
-    check_context(model, windows.shape[1] - 1)
+    check_context(model.config, windows.shape[1] - 1)
     total, count = 0.0, 0
     for batch in _batches(windows, batch_size, progress, "perplexity"):
         loss, n = lm_loss(model, batch[:, :-1], batch[:, 1:])

@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import OpenELMConfig
 from .data import TokenData, data_files, read_documents, tokenize_to_file
 from .errors import DataError, OptionError, check_range, settings_field
+from .eval import check_context
 from .io import parse_dtype, save
 from .model import Model
 from .tokenizer import TOKENIZER_FILE, Tokenizer
@@ -249,10 +250,7 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = False)
 
 def _load_tokenizer(config: OpenELMConfig, run: PretrainConfig) -> Tokenizer:
     """The run's tokenizer, once its vocabulary and `run.seq_len` are known to fit the model."""
-    if run.seq_len > config.max_context_length:
-        raise OptionError(
-            "seq_len", f"{run.seq_len} is more than the model's max_context_length {config.max_context_length}"
-        )
+    check_context(config, run.seq_len)
     tokenizer = Tokenizer(run.tokenizer)
     if tokenizer.vocab_size > config.vocab_size:
         raise OptionError(

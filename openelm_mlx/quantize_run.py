@@ -165,7 +165,7 @@ def quantize_folder(
     tic = time.perf_counter()
     check_output(dst, force, "model", (src,))  # before any calibration work
     model, tok = _load_float(src)
-    check_context(model, opts.seq_len)
+    check_context(model.config, opts.seq_len)
     calib = _windows(tok, opts.calib, opts, model.config.vocab_size)
     evaluation = _windows(tok, opts.eval_data, opts, model.config.vocab_size) if opts.eval_data else None
     notes = make_safe(model, calib, str(src))
