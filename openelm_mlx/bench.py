@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import blas
 from .config import OpenELMConfig
+from .decode import decoder_for
 from .errors import OpenELMError, OptionError, check_range
 from .generate import GenerationConfig, generate_tokens
 from .model import Model
@@ -113,7 +114,7 @@ def random_model(config: OpenELMConfig, dtype: str = "float32", seed: int = 0) -
     model = Model(config)
     model.update(tree_map(lambda p: (p * 0.5).astype(getattr(mx, dtype)), model.parameters()))
     mx.eval(model.parameters())
-    return model
+    return model.eval()
 
 
 def mlx_lm_twin(model: Model) -> nn.Module:
@@ -255,7 +256,7 @@ def report(
     out["mlx_lm_cli"] = cli.as_dict() if cli else None
     out["ratio"] = ratio(speeds["ours"], speeds["mlx_lm"]) if "mlx_lm" in speeds else None
     out["ratio_cli"] = ratio(speeds["ours"], cli) if cli else None
-    out["decode_paired"] = paired_decode({"ours": model, "mlx_lm": twin}, ids, gen_tokens) if compare else None
+    out["decode_paired"] = paired_decode({"ours": decoder_for(model), "mlx_lm": twin}, ids, gen_tokens) if compare else None
     out["roofline"] = roofline(model, speeds["ours"].generation_tps, memory_read_gbps())
     out["blas"] = blas.STATE.describe()
     out["machine"] = machine()

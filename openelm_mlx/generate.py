@@ -21,6 +21,7 @@ from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .decode import decoder_for
 from .errors import OptionError, check_range, settings_field
 from .tokenizer import Message, Tokenizer
 
@@ -192,12 +193,19 @@ def token_steps(
         check_draft_model(model, draft_model)
         cache = prompt_cache or make_prompt_cache(model) + make_prompt_cache(draft_model)
         steps = speculative_generate_step(
-            prompt, model, draft_model, num_draft_tokens=config.num_draft_tokens, prompt_cache=cache, **common
+            prompt,
+            decoder_for(model),
+            decoder_for(draft_model),
+            num_draft_tokens=config.num_draft_tokens,
+            prompt_cache=cache,
+            **common,
         )
         items = ((int(t), lp, bool(d)) for t, lp, d in steps)
     else:
         cache = prompt_cache or make_prompt_cache(model, max_kv_size=config.max_kv_size)
-        items = ((int(t), lp, False) for t, lp in generate_step(prompt, model, prompt_cache=cache, **common))
+        items = (
+            (int(t), lp, False) for t, lp in generate_step(prompt, decoder_for(model), prompt_cache=cache, **common)
+        )
     for token, logprobs, from_draft in items:
         if token in eos_ids:
             return

@@ -25,7 +25,7 @@ def random_model(config: OpenELMConfig, seed: int = 0) -> Model:
     ]
     model.update(tree_unflatten(params))
     mx.eval(model.parameters())
-    return model
+    return model.eval()
 
 
 def reference_config(config: OpenELMConfig) -> dict:

@@ -1,0 +1,172 @@
+"""A compiled single-token decode step for MLX's CPU backend, used by generation in place of the eager model call.
+
+On the CPU backend every primitive costs microseconds of dispatch, and `mx.fast.rms_norm`, `mx.fast.rope` and
+`mx.fast.scaled_dot_product_attention` expand into a dozen primitives each: an eager 270M decode step is ~2,300
+primitives around 65 matrix-vector products. This step is one `mx.compile`d function over the whole layer stack with
+the KV-cache writes inside (~700 primitives), with RMSNorm, RoPE and grouped attention written for one position:
+the same math, equal to the eager model to float32 rounding (tested). Anything it does not handle (a prompt chunk,
+another cache type, training mode, the GPU, where the fused kernels already are) goes through the model as usual.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+
+from .model import Model
+
+
+def _rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """`mx.fast.rms_norm` as its CPU fallback computes it (statistics in float32), in three primitives."""
+    xf = x.astype(mx.float32)
+    return (xf * mx.rsqrt(mx.mean(mx.square(xf), axis=-1, keepdims=True) + eps)).astype(x.dtype) * weight
+
+
+def _rope_tables(offset: mx.array, head_dim: int, base: float) -> tuple[mx.array, mx.array]:
+    """cos and signed sin of the one position `offset`, laid out so `rope(x) = x * cos + swap_halves(x) * sin`."""
+    half = head_dim // 2
+    inv_freq = mx.exp(mx.arange(half, dtype=mx.float32) * (-math.log(base) / half))  # base ** (-2i / head_dim)
+    theta = offset.astype(mx.float32) * inv_freq
+    cos, sin = mx.cos(theta), mx.sin(theta)
+    return mx.concatenate([cos, cos]), mx.concatenate([-sin, sin])
+
+
+def _rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Non-traditional RoPE (rotate the two halves of each head) at one position."""
+    half = x.shape[-1] // 2
+    swapped = mx.concatenate([x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(mx.float32) * cos + swapped.astype(mx.float32) * sin).astype(x.dtype)
+
+
+def _attention(
+    attn: nn.Module, x: mx.array, offset: mx.array, keys: mx.array, values: mx.array, mask: mx.array, rope: Any
+) -> tuple[mx.array, mx.array, mx.array]:
+    """One position of `model.Attention` on preallocated cache buffers: (output (B, D), keys, values)."""
+    B = x.shape[0]
+    n_heads, n_kv_heads, head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    qkv = attn.qkv_proj(x).reshape(B, n_heads + 2 * n_kv_heads, head_dim)
+    qk, v = qkv[:, : n_heads + n_kv_heads], qkv[:, n_heads + n_kv_heads :]
+    if "q_norm" in attn:  # one statistic pass over q and k heads together, each with its own weight
+        weight = mx.concatenate(
+            [
+                mx.broadcast_to(attn.q_norm.weight, (n_heads, head_dim)),
+                mx.broadcast_to(attn.k_norm.weight, (n_kv_heads, head_dim)),
+            ]
+        )
+        qk = _rms_norm(qk, weight, attn.q_norm.eps)
+    qk = _rope(qk, *rope)
+    q, k = qk[:, :n_heads], qk[:, n_heads:]
+    start = offset.reshape(1)
+    keys = mx.slice_update(keys, k[:, :, None], start, axes=(2,))  # (B, n_kv_heads, capacity, head_dim)
+    values = mx.slice_update(values, v[:, :, None], start, axes=(2,))
+    # Query heads grouped by the kv head they share: one (group, head_dim) @ (head_dim, capacity) per kv head.
+    scores = q.reshape(B, n_kv_heads, n_heads // n_kv_heads, head_dim) @ keys.swapaxes(-1, -2)
+    scores = mx.where(mask, scores.astype(mx.float32) * attn.scale, -mx.inf)
+    probs = mx.softmax(scores, axis=-1, precise=True).astype(values.dtype)
+    out = (probs @ values).reshape(B, n_heads * head_dim)
+    return attn.out_proj(out), keys, values
+
+
+def _step_fn(model_ref: weakref.ref) -> Any:
+    """The function to compile: (params, tokens (B, 1), offset, keys, values) -> (logits (B, 1, V), keys, values).
+
+    The weights come in as `params` and are set on the model only while tracing, so the compiled graph takes
+    whatever modules the model has (quantized, LoRA) and holds no reference to the model.
+    """
+
+    def step(params: dict, tokens: mx.array, offset: mx.array, keys: list, values: list) -> tuple:
+        model: Model = model_ref()
+        saved = model.parameters()
+        model.update(params)
+        try:
+            config, t = model.config, model.transformer
+            h = t.token_embeddings(tokens[:, 0])  # (B, D)
+            mask = mx.arange(keys[0].shape[2]) <= offset  # the buffer past `offset` is unwritten
+            rope = _rope_tables(offset, config.head_dim, float(config.rope_freq_constant))
+            new_keys, new_values = [], []
+            for layer, k, v in zip(t.layers, keys, values):
+                out, k, v = _attention(
+                    layer.attn, _rms_norm(h, layer.attn_norm.weight, layer.attn_norm.eps), offset, k, v, mask, rope
+                )
+                h = h + out
+                h = h + layer.ffn(_rms_norm(h, layer.ffn_norm.weight, layer.ffn_norm.eps))
+                new_keys.append(k)
+                new_values.append(v)
+            h = _rms_norm(h, t.norm.weight, t.norm.eps)
+            logits = t.token_embeddings.as_linear(h) if config.share_input_output_layers else model.lm_head(h)
+            return logits[:, None], new_keys, new_values
+        finally:
+            model.update(saved)
+
+    return step
+
+
+def _usable(tokens: mx.array, cache: list[Any] | None) -> bool:
+    """One new position per row, and plain KV caches at one offset with room for it."""
+    if cache is None or tokens.ndim != 2 or tokens.shape[1] != 1:
+        return False
+    first = cache[0]
+    if type(first) is not KVCache or first.keys is None or first.offset >= first.keys.shape[2]:
+        return False
+    capacity = first.keys.shape[2]
+    return all(
+        type(c) is KVCache and c.keys is not None and c.offset == first.offset and c.keys.shape[2] == capacity
+        for c in cache
+    )
+
+
+class CompiledDecoder:
+    """`model(tokens, cache)` with single-token steps on plain KV caches run as one compiled function.
+
+    Made by `decoder_for`; holds the model weakly, so it can live on the model without keeping it alive. The
+    compiled function is traced again whenever the model's parameters change shape or structure (quantization,
+    adapters); swapping a module for one with the same parameters needs a new decoder.
+    """
+
+    def __init__(self, model: Model):
+        self._model = weakref.ref(model)
+        self._step = mx.compile(_step_fn(self._model))
+
+    @property
+    def model(self) -> Model:
+        return self._model()
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self.model.layers
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def __call__(self, tokens: mx.array, cache: list[Any] | None = None) -> mx.array:
+        model = self.model
+        if model.training or not _usable(tokens, cache):
+            return model(tokens, cache)
+        offset = cache[0].offset
+        keys, values = [c.keys for c in cache], [c.values for c in cache]
+        for c in cache:  # drop the caches' references so the buffers can be updated in place
+            c.keys = c.values = None
+        logits, keys, values = self._step(model.parameters(), tokens, mx.array(offset, dtype=mx.int32), keys, values)
+        for c, k, v in zip(cache, keys, values):
+            c.keys, c.values, c.offset = k, v, offset + 1
+        return logits
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a copied model builds its own decoder
+
+
+def decoder_for(model: nn.Module) -> Any:
+    """The model to generate with: a `CompiledDecoder` for our `Model` on the CPU backend, else `model` itself."""
+    if not isinstance(model, Model) or mx.default_device() != mx.cpu:
+        return model
+    decoder = model.__dict__.get("_compiled_decoder")
+    if decoder is None or decoder.model is not model:
+        decoder = CompiledDecoder(model)
+        object.__setattr__(model, "_compiled_decoder", decoder)
+    return decoder
