@@ -256,7 +256,9 @@ def report(
     out["mlx_lm_cli"] = cli.as_dict() if cli else None
     out["ratio"] = ratio(speeds["ours"], speeds["mlx_lm"]) if "mlx_lm" in speeds else None
     out["ratio_cli"] = ratio(speeds["ours"], cli) if cli else None
-    out["decode_paired"] = paired_decode({"ours": decoder_for(model), "mlx_lm": twin}, ids, gen_tokens) if compare else None
+    out["decode_paired"] = (
+        paired_decode({"ours": decoder_for(model), "mlx_lm": twin}, ids, gen_tokens) if compare else None
+    )
     out["roofline"] = roofline(model, speeds["ours"].generation_tps, memory_read_gbps())
     out["blas"] = blas.STATE.describe()
     out["machine"] = machine()

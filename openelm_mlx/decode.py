@@ -11,7 +11,6 @@ another cache type, training mode, the GPU, where the fused kernels already are)
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any
 
 import mlx.core as mx
@@ -72,36 +71,23 @@ def _attention(
     return attn.out_proj(out), keys, values
 
 
-def _step_fn(model_ref: weakref.ref) -> Any:
-    """The function to compile: (params, tokens (B, 1), offset, keys, values) -> (logits (B, 1, V), keys, values).
+def _step_fn(model: Model) -> Any:
+    """The function to compile: (tokens (B, 1), offset, keys, values) -> (logits (B, 1, V), keys, values)."""
 
-    The weights come in as `params` and are set on the model only while tracing, so the compiled graph takes
-    whatever modules the model has (quantized, LoRA) and holds no reference to the model.
-    """
-
-    def step(params: dict, tokens: mx.array, offset: mx.array, keys: list, values: list) -> tuple:
-        model: Model = model_ref()
-        saved = model.parameters()
-        model.update(params)
-        try:
-            config, t = model.config, model.transformer
-            h = t.token_embeddings(tokens[:, 0])  # (B, D)
-            mask = mx.arange(keys[0].shape[2]) <= offset  # the buffer past `offset` is unwritten
-            rope = _rope_tables(offset, config.head_dim, float(config.rope_freq_constant))
-            new_keys, new_values = [], []
-            for layer, k, v in zip(t.layers, keys, values):
-                out, k, v = _attention(
-                    layer.attn, _rms_norm(h, layer.attn_norm.weight, layer.attn_norm.eps), offset, k, v, mask, rope
-                )
-                h = h + out
-                h = h + layer.ffn(_rms_norm(h, layer.ffn_norm.weight, layer.ffn_norm.eps))
-                new_keys.append(k)
-                new_values.append(v)
-            h = _rms_norm(h, t.norm.weight, t.norm.eps)
-            logits = t.token_embeddings.as_linear(h) if config.share_input_output_layers else model.lm_head(h)
-            return logits[:, None], new_keys, new_values
-        finally:
-            model.update(saved)
+    def step(tokens: mx.array, offset: mx.array, keys: list, values: list) -> tuple:
+        config, t = model.config, model.transformer
+        h = t.token_embeddings(tokens[:, 0])  # (B, D)
+        mask = mx.arange(keys[0].shape[2]) <= offset  # the buffer past `offset` is unwritten
+        rope = _rope_tables(offset, config.head_dim, float(config.rope_freq_constant))
+        new_keys, new_values = [], []
+        for layer, k, v in zip(t.layers, keys, values):
+            x = _rms_norm(h, layer.attn_norm.weight, layer.attn_norm.eps)
+            out, k, v = _attention(layer.attn, x, offset, k, v, mask, rope)
+            h = h + out
+            h = h + layer.ffn(_rms_norm(h, layer.ffn_norm.weight, layer.ffn_norm.eps))
+            new_keys.append(k)
+            new_values.append(v)
+        return model.head(_rms_norm(h, t.norm.weight, t.norm.eps))[:, None], new_keys, new_values
 
     return step
 
@@ -120,21 +106,35 @@ def _usable(tokens: mx.array, cache: list[Any] | None) -> bool:
     )
 
 
+class _CompiledStep:
+    """A model's compiled step, kept on the model. The weights are the compiled function's implicit inputs, read at
+    each call, so it follows `model.update`; a copied model (`copy.deepcopy`) compiles its own."""
+
+    def __init__(self, model: Model):
+        self.fn = mx.compile(_step_fn(model), inputs=[model.state])
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+
 class CompiledDecoder:
     """`model(tokens, cache)` with single-token steps on plain KV caches run as one compiled function.
 
-    Made by `decoder_for`; holds the model weakly, so it can live on the model without keeping it alive. The
-    compiled function is traced again whenever the model's parameters change shape or structure (quantization,
-    adapters); swapping a module for one with the same parameters needs a new decoder.
+    Made by `decoder_for`. The compiled step is kept on the model (traced once, reused by every generation); the
+    garbage collector frees the pair with the model. It is traced again whenever the parameters change shape or
+    structure (quantization, adapters); swapping a module for one with the same parameters needs a new model object.
+
+    Args:
+        model: our `Model`, in eval mode (as `load` returns it); in training mode every call is eager.
     """
 
     def __init__(self, model: Model):
-        self._model = weakref.ref(model)
-        self._step = mx.compile(_step_fn(self._model))
-
-    @property
-    def model(self) -> Model:
-        return self._model()
+        self.model = model
+        step = model.__dict__.get("_compiled_decode_step")
+        if step is None:
+            step = _CompiledStep(model)
+            object.__setattr__(model, "_compiled_decode_step", step)  # a plain attribute: not a parameter
+        self._step = step.fn
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -152,21 +152,14 @@ class CompiledDecoder:
         keys, values = [c.keys for c in cache], [c.values for c in cache]
         for c in cache:  # drop the caches' references so the buffers can be updated in place
             c.keys = c.values = None
-        logits, keys, values = self._step(model.parameters(), tokens, mx.array(offset, dtype=mx.int32), keys, values)
+        logits, keys, values = self._step(tokens, mx.array(offset, dtype=mx.int32), keys, values)
         for c, k, v in zip(cache, keys, values):
             c.keys, c.values, c.offset = k, v, offset + 1
         return logits
-
-    def __deepcopy__(self, memo: dict) -> None:
-        return None  # a copied model builds its own decoder
 
 
 def decoder_for(model: nn.Module) -> Any:
     """The model to generate with: a `CompiledDecoder` for our `Model` on the CPU backend, else `model` itself."""
     if not isinstance(model, Model) or mx.default_device() != mx.cpu:
         return model
-    decoder = model.__dict__.get("_compiled_decoder")
-    if decoder is None or decoder.model is not model:
-        decoder = CompiledDecoder(model)
-        object.__setattr__(model, "_compiled_decoder", decoder)
-    return decoder
+    return CompiledDecoder(model)

@@ -121,7 +121,10 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: list[Any] | None = None) -> mx.array:
-        h = self.transformer(tokens, cache)
+        return self.head(self.transformer(tokens, cache))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits from final hidden states: the tied embedding, or `lm_head`."""
         if self.config.share_input_output_layers:
             return self.transformer.token_embeddings.as_linear(h)
         return self.lm_head(h)

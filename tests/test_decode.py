@@ -1,0 +1,146 @@
+"""The compiled decode step (decode.py): the same logits as the eager model, used where it should be, freed with
+the model, and traced again when the model's modules change (quantization, adapters)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import random_model
+from mlx.utils import tree_map
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors
+
+from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.decode import decoder_for
+from openelm_mlx.generate import generate_tokens
+from openelm_mlx.quantize import quantize_model
+
+
+def counted_decoder(model):
+    """A decoder whose compiled step counts its calls."""
+    decoder_for(model)  # makes the model's compiled step
+    holder = model.__dict__["_compiled_decode_step"]
+    calls, step = [], holder.fn
+
+    def counting(*args):
+        calls.append(1)
+        return step(*args)
+
+    holder.fn = counting
+    return decoder_for(model), calls
+
+
+def decode_both(model, decoder, prompt_len: int, steps: int):
+    """Greedy-decode with the eager model and the decoder side by side; the worst relative logit difference."""
+    ids = mx.array([[int(t) for t in np.random.default_rng(0).integers(3, model.config.vocab_size, prompt_len)]])
+    eager_cache, cache = make_prompt_cache(model), make_prompt_cache(model)
+    y_eager = y = ids
+    worst = 0.0
+    for _ in range(steps):
+        want, got = model(y_eager, eager_cache), decoder(y, cache)
+        assert got.shape == want.shape
+        worst = max(worst, float(mx.abs(got - want).max() / mx.abs(want).max()))
+        y_eager, y = mx.argmax(want[:, -1:], axis=-1), mx.argmax(got[:, -1:], axis=-1)
+        assert y.item() == y_eager.item()
+    assert cache[0].offset == eager_cache[0].offset
+    return worst
+
+
+@pytest.mark.parametrize(
+    "config", [OpenELMConfig.tiny(), OpenELMConfig.tiny(head_dim=24, share_input_output_layers=False)]
+)
+def test_compiled_steps_equal_the_eager_model(config):
+    model = random_model(config)
+    decoder, calls = counted_decoder(model)
+    # A 250-token prompt and 12 steps: the cache buffer (256 positions) fills and grows on the way.
+    assert decode_both(model, decoder, 250, 13) < 1e-5
+    assert len(calls) == 11  # every single-token step but the one at a full buffer (eager, which grows it)
+
+
+def test_batch_rows_decode_together():
+    model = random_model(OpenELMConfig.tiny())
+    decoder, calls = counted_decoder(model)
+    ids = mx.array(np.random.default_rng(1).integers(3, 256, (3, 9)))
+    eager_cache, cache = make_prompt_cache(model), make_prompt_cache(model)
+    model(ids, eager_cache), decoder(ids, cache)
+    step = mx.array([[5], [6], [7]])
+    assert mx.allclose(decoder(step, cache), model(step, eager_cache), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1
+
+
+def test_generation_tokens_equal_mlx_lm_loop_on_the_eager_model():
+    model = random_model(OpenELMConfig.tiny())
+    ids = [int(t) for t in np.random.default_rng(2).integers(3, 256, 20)]
+    ours = list(generate_tokens(model, ids, max_tokens=40, repetition_penalty=1.3, eos_ids=()))
+    processors = make_logits_processors(repetition_penalty=1.3)
+    steps = generate_step(mx.array(ids), model, max_tokens=40, logits_processors=processors)
+    assert ours == [int(t) for t, _ in steps]  # mlx-lm's loop on the plain model: every step eager
+    assert "_compiled_decode_step" in model.__dict__
+
+
+def test_follows_quantization_and_adapters_after_first_use():
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = random_model(OpenELMConfig.tiny())
+    decoder = decoder_for(model)
+    assert decode_both(model, decoder, 8, 3) < 1e-5  # traced on the float model
+    quantize_model(model, bits=8, group_size=32)
+    assert decode_both(model, decoder_for(model), 8, 3) < 1e-5
+    model.freeze()
+    linear_to_lora_layers(model, 4, {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["attn.qkv_proj"]})
+    for layer in model.layers:  # nonzero adapters, so a stale trace without them would differ
+        layer.attn.qkv_proj.lora_b = mx.full(layer.attn.qkv_proj.lora_b.shape, 0.05)
+    model.eval()
+    eager_cache, cache = make_prompt_cache(model), make_prompt_cache(model)
+    ids = mx.array([[3, 4, 5, 6]])
+    model(ids, eager_cache), decoder_for(model)(ids, cache)
+    step = mx.array([[7]])
+    assert mx.allclose(decoder_for(model)(step, cache), model(step, eager_cache), rtol=1e-5, atol=1e-6)
+
+
+def test_training_mode_and_other_caches_run_eager():
+    model = random_model(OpenELMConfig.tiny())
+    decoder, calls = counted_decoder(model)
+    cache = make_prompt_cache(model)
+    decoder(mx.array([[3, 4, 5]]), cache)
+    model.train()
+    decoder(mx.array([[6]]), cache)
+    model.eval()
+    rotating = make_prompt_cache(model, max_kv_size=16)
+    decoder(mx.array([[3, 4, 5]]), rotating)
+    decoder(mx.array([[6]]), rotating)
+    assert calls == []
+    decoder(mx.array([[7]]), cache)
+    assert len(calls) == 1
+
+
+def test_bfloat16_model_decodes_close_to_eager():
+    model = random_model(OpenELMConfig.tiny())
+    model.set_dtype(mx.bfloat16)
+    decoder, calls = counted_decoder(model)
+    assert decode_both(model, decoder, 12, 4) < 2e-2
+    assert len(calls) == 3
+
+
+def test_model_is_freed_with_its_compiled_step():
+    model = random_model(OpenELMConfig.tiny())
+    decode_both(model, decoder_for(model), 5, 2)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_copied_model_compiles_its_own_step():
+    import copy
+
+    model = random_model(OpenELMConfig.tiny())
+    decode_both(model, decoder_for(model), 5, 2)
+    twin = copy.deepcopy(model)
+    twin.update(tree_map(lambda p: p * 0.5, twin.parameters()))
+    assert decode_both(twin, decoder_for(twin), 5, 2) < 1e-5
