@@ -210,7 +210,11 @@ def clean_env() -> dict[str, str]:
 
 
 def run_mlx_lm_cli(folder: Path, prompt_tokens: int, gen_tokens: int, repeats: int, timeout: float = 3600) -> Speed:
-    """`python -m mlx_lm.benchmark` in a fresh process (averages of `repeats` trials after its warm-up)."""
+    """`python -m mlx_lm.benchmark` in a fresh process (averages of `repeats` trials after its warm-up).
+
+    mlx-lm counts generation as `gen_tokens` tokens over the time after the first one; this module counts the
+    `gen_tokens - 1` tokens made in that time (as `_timed` does), so its figure is scaled by (g - 1) / g to compare.
+    """
     cmd = [sys.executable, "-m", "mlx_lm.benchmark", "--model", str(folder), "-p", str(prompt_tokens)]
     cmd += ["-g", str(gen_tokens), "-n", str(repeats)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=timeout)
@@ -218,7 +222,8 @@ def run_mlx_lm_cli(folder: Path, prompt_tokens: int, gen_tokens: int, repeats: i
     if out.returncode or not found:
         tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
         raise OpenELMError(f"mlx_lm.benchmark failed: {tail[0][:300]}")
-    return Speed(*map(float, found.groups()))
+    prompt_tps, generation_tps, peak = map(float, found.groups())
+    return Speed(prompt_tps, generation_tps * (gen_tokens - 1) / gen_tokens, peak)
 
 
 def ratio(a: Speed, b: Speed) -> dict[str, float]:

@@ -4,8 +4,9 @@ On the CPU backend every primitive costs microseconds of dispatch, and `mx.fast.
 `mx.fast.scaled_dot_product_attention` expand into a dozen primitives each: an eager 270M decode step is ~2,300
 primitives around 65 matrix-vector products. This step is one `mx.compile`d function over the whole layer stack with
 the KV-cache writes inside (~700 primitives), with RMSNorm, RoPE and grouped attention written for one position:
-the same math, equal to the eager model to float32 rounding (tested). Anything it does not handle (a prompt chunk,
-another cache type, training mode, the GPU, where the fused kernels already are) goes through the model as usual.
+the same math (float32: equal to the eager model to rounding; bfloat16/float16: RoPE and the norms' statistics in
+float32, as the fused kernels compute them). Anything it does not handle (a prompt chunk, another cache type,
+training mode, the GPU, where the fused kernels already are) goes through the model as usual.
 """
 
 from __future__ import annotations
@@ -59,14 +60,13 @@ def _attention(
         )
         qk = _rms_norm(qk, weight, attn.q_norm.eps)
     qk = _rope(qk, *rope)
-    q, k = qk[:, :n_heads], qk[:, n_heads:]
+    q, k = qk[:, :n_heads] * attn.scale, qk[:, n_heads:]  # scaled before the product, as the eager attention does
     start = offset.reshape(1)
     keys = mx.slice_update(keys, k[:, :, None], start, axes=(2,))  # (B, n_kv_heads, capacity, head_dim)
     values = mx.slice_update(values, v[:, :, None], start, axes=(2,))
     # Query heads grouped by the kv head they share: one (group, head_dim) @ (head_dim, capacity) per kv head.
     scores = q.reshape(B, n_kv_heads, n_heads // n_kv_heads, head_dim) @ keys.swapaxes(-1, -2)
-    scores = mx.where(mask, scores.astype(mx.float32) * attn.scale, -mx.inf)
-    probs = mx.softmax(scores, axis=-1, precise=True).astype(values.dtype)
+    probs = mx.softmax(mx.where(mask, scores, -mx.inf), axis=-1, precise=True)
     out = (probs @ values).reshape(B, n_heads * head_dim)
     return attn.out_proj(out), keys, values
 
@@ -107,22 +107,37 @@ def _usable(tokens: mx.array, cache: list[Any] | None) -> bool:
 
 
 class _CompiledStep:
-    """A model's compiled step, kept on the model. The weights are the compiled function's implicit inputs, read at
-    each call, so it follows `model.update`; a copied model (`copy.deepcopy`) compiles its own."""
+    """A model's compiled step, kept on the model as a plain attribute.
+
+    The weights are the compiled function's implicit inputs, read at each call, so it follows `model.update`. MLX
+    traces it again for each new combination of input shapes and dtypes (batch size, cache capacity, token dtype,
+    quantized or adapted modules); a change that keeps every parameter's shape and dtype (say an RMSNorm's `eps`,
+    or a LoRA layer's `scale`) is not seen: make a new model for that. The model and its step reference each other,
+    so the garbage collector, not `del`, frees them; a copied model (`copy.deepcopy`) compiles its own.
+    """
 
     def __init__(self, model: Model):
         self.fn = mx.compile(_step_fn(model), inputs=[model.state])
+        self.traced: set[tuple] = set()
 
     def __deepcopy__(self, memo: dict) -> None:
         return None
 
 
+def _trace_key(model: Model, tokens: mx.array, cache: list[Any]) -> tuple:
+    """What makes MLX trace the step again: input shapes and dtypes, and which modules the weights sit in (the
+    projections of the first and last layer, the embedding and head, where quantization and adapters go)."""
+    first, last = model.layers[0], model.layers[-1]
+    modules = [model.transformer.token_embeddings, model.__dict__.get("lm_head")]
+    for layer in (first, last):
+        modules += [layer.attn.qkv_proj, layer.attn.out_proj, layer.ffn.proj_1, layer.ffn.proj_2]
+    return (tokens.shape, tokens.dtype, cache[0].keys.shape, cache[0].keys.dtype, *map(id, modules))
+
+
 class CompiledDecoder:
     """`model(tokens, cache)` with single-token steps on plain KV caches run as one compiled function.
 
-    Made by `decoder_for`. The compiled step is kept on the model (traced once, reused by every generation); the
-    garbage collector frees the pair with the model. It is traced again whenever the parameters change shape or
-    structure (quantization, adapters); swapping a module for one with the same parameters needs a new model object.
+    Made by `decoder_for`; the compiled step lives on the model and serves every decoder made for it.
 
     Args:
         model: our `Model`, in eval mode (as `load` returns it); in training mode every call is eager.
@@ -130,11 +145,10 @@ class CompiledDecoder:
 
     def __init__(self, model: Model):
         self.model = model
-        step = model.__dict__.get("_compiled_decode_step")
-        if step is None:
-            step = _CompiledStep(model)
-            object.__setattr__(model, "_compiled_decode_step", step)  # a plain attribute: not a parameter
-        self._step = step.fn
+        self._compiled = model.__dict__.get("_compiled_decode_step")
+        if self._compiled is None:
+            self._compiled = _CompiledStep(model)
+            object.__setattr__(model, "_compiled_decode_step", self._compiled)
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -148,12 +162,24 @@ class CompiledDecoder:
         model = self.model
         if model.training or not _usable(tokens, cache):
             return model(tokens, cache)
+        key = _trace_key(model, tokens, cache)
+        # While MLX traces, the model holds placeholder arrays; an exception there (Ctrl-C in `chat`) would leave
+        # them in place, so the weights are put back from a copy taken before each trace.
+        saved = None if key in self._compiled.traced else model.parameters()
         offset = cache[0].offset
         keys, values = [c.keys for c in cache], [c.values for c in cache]
         for c in cache:  # drop the caches' references so the buffers can be updated in place
             c.keys = c.values = None
-        logits, keys, values = self._step(tokens, mx.array(offset, dtype=mx.int32), keys, values)
-        for c, k, v in zip(cache, keys, values):
+        try:
+            logits, new_keys, new_values = self._compiled.fn(tokens, mx.array(offset, dtype=mx.int32), keys, values)
+        except BaseException:
+            for c, k, v in zip(cache, keys, values):
+                c.keys, c.values = k, v
+            if saved is not None:
+                model.update(saved)
+            raise
+        self._compiled.traced.add(key)
+        for c, k, v in zip(cache, new_keys, new_values):
             c.keys, c.values, c.offset = k, v, offset + 1
         return logits
 

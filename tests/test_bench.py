@@ -106,3 +106,16 @@ def test_info_prints_every_field():
     for field in ("mlx:", "device:", "blas:", "matmul:", "GFLOP/s", "memory:", "GB/s"):
         assert field in result.output
     assert f"blas: {blas.STATE.describe()}" in result.output  # the loader's own record, not a guess
+
+
+def test_mlx_lm_cli_generation_is_counted_as_ours(monkeypatch, tmp_path):
+    """mlx-lm reports g tokens over the time after the first; we count the g - 1 made in that time."""
+    import subprocess
+
+    from openelm_mlx import bench
+
+    out = "Averages: prompt_tps=100.000, generation_tps=32.000, peak_memory=1.500\n"
+    fake = subprocess.CompletedProcess([], 0, stdout=out, stderr="")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: fake)
+    speed = bench.run_mlx_lm_cli(tmp_path, prompt_tokens=8, gen_tokens=32, repeats=1)
+    assert (speed.prompt_tps, speed.generation_tps, speed.peak_memory_gb) == (100.0, 31.0, 1.5)

@@ -75,12 +75,13 @@ def test_batch_rows_decode_together():
 
 def test_generation_tokens_equal_mlx_lm_loop_on_the_eager_model():
     model = random_model(OpenELMConfig.tiny())
+    _, calls = counted_decoder(model)
     ids = [int(t) for t in np.random.default_rng(2).integers(3, 256, 20)]
     ours = list(generate_tokens(model, ids, max_tokens=40, repetition_penalty=1.3, eos_ids=()))
+    assert len(calls) == 41  # the last prompt token, then 40 steps (mlx-lm computes one ahead)
     processors = make_logits_processors(repetition_penalty=1.3)
     steps = generate_step(mx.array(ids), model, max_tokens=40, logits_processors=processors)
     assert ours == [int(t) for t, _ in steps]  # mlx-lm's loop on the plain model: every step eager
-    assert "_compiled_decode_step" in model.__dict__
 
 
 def test_follows_quantization_and_adapters_after_first_use():
@@ -119,12 +120,58 @@ def test_training_mode_and_other_caches_run_eager():
     assert len(calls) == 1
 
 
-def test_bfloat16_model_decodes_close_to_eager():
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_half_precision_models_decode_close_to_eager(dtype):
     model = random_model(OpenELMConfig.tiny())
-    model.set_dtype(mx.bfloat16)
+    model.set_dtype(dtype)
     decoder, calls = counted_decoder(model)
     assert decode_both(model, decoder, 12, 4) < 2e-2
     assert len(calls) == 3
+
+
+def test_trimmed_and_restored_caches():
+    """Speculative decoding trims caches (stale positions stay in the buffer); saved caches come back via `state`."""
+    model = random_model(OpenELMConfig.tiny())
+    decoder, calls = counted_decoder(model)
+    ids = mx.array([[5, 9, 11, 3, 7, 8]])
+    eager_cache, cache = make_prompt_cache(model), make_prompt_cache(model)
+    model(ids, eager_cache), decoder(ids, cache)
+    for token in (4, 12, 13):
+        model(mx.array([[token]]), eager_cache), decoder(mx.array([[token]]), cache)
+    for c in eager_cache + cache:
+        c.trim(3)
+    step = mx.array([[21]])
+    assert mx.allclose(decoder(step, cache), model(step, eager_cache), rtol=1e-5, atol=1e-6)
+    restored = make_prompt_cache(model)
+    for c, old in zip(restored, cache):
+        c.state = (old.keys, old.values, old.offset)  # the whole buffer, spare capacity included
+    step = mx.array([[22]])
+    assert mx.allclose(decoder(step, restored), model(step, eager_cache), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 5
+
+
+def test_an_interrupted_trace_leaves_model_and_cache_intact(monkeypatch):
+    import openelm_mlx.decode as decode
+
+    model = random_model(OpenELMConfig.tiny())
+    cache = make_prompt_cache(model)
+    ids = mx.array([[5, 9, 11]])
+    decoder_for(model)(ids, cache)
+    before = model(mx.array([[4, 6]]))
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(decode, "_rope_tables", interrupted)  # runs only while MLX traces the step
+    with pytest.raises(KeyboardInterrupt):
+        decoder_for(model)(mx.array([[4]]), cache)
+    monkeypatch.undo()
+    assert mx.array_equal(model(mx.array([[4, 6]])), before)  # real weights, not the trace's placeholders
+    assert cache[0].keys is not None and cache[0].offset == 3
+    eager_cache = make_prompt_cache(model)
+    model(ids, eager_cache)
+    step = mx.array([[4]])
+    assert mx.allclose(decoder_for(model)(step, cache), model(step, eager_cache), rtol=1e-5, atol=1e-6)
 
 
 def test_model_is_freed_with_its_compiled_step():
