@@ -25,6 +25,10 @@ def test_generate_example():
     assert "generation tokens/s" in out and "JULIET:" in out
 
 
+def test_decode_loop_example():
+    assert "same tokens as the eager model: True" in _run(str(EXAMPLES / "decode_loop.py"))
+
+
 def test_chat_example():
     assert _run(str(EXAMPLES / "chat.py")).count("tokens in the KV cache") == 2
 
