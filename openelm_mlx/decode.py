@@ -77,7 +77,7 @@ def _step_fn(model: Model) -> Any:
     def step(tokens: mx.array, offset: mx.array, keys: list, values: list) -> tuple:
         config, t = model.config, model.transformer
         h = t.token_embeddings(tokens[:, 0])  # (B, D)
-        mask = mx.arange(keys[0].shape[2]) <= offset  # the buffer past `offset` is unwritten
+        mask = mx.arange(keys[0].shape[2]) <= offset  # past `offset`: unwritten, or left by a trim
         rope = _rope_tables(offset, config.head_dim, float(config.rope_freq_constant))
         new_keys, new_values = [], []
         for layer, k, v in zip(t.layers, keys, values):
