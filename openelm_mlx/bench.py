@@ -26,6 +26,7 @@ from . import blas
 from .config import OpenELMConfig
 from .decode import decoder_for
 from .errors import OpenELMError, OptionError, check_range
+from .fs import write_file_atomic
 from .generate import GenerationConfig, generate_tokens
 from .model import Model
 
@@ -272,7 +273,7 @@ def report(
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_file_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def environment() -> dict[str, str]:

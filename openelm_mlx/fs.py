@@ -102,6 +102,49 @@ def output_path(dest: str | Path) -> Path:
     return dest.resolve() if dest.is_symlink() else dest
 
 
+def check_output_file(
+    path: str | Path,
+    force: bool = False,
+    inputs: Sequence[str | Path] = (),
+    inputs_are: str = "input files",
+    what: str = "output",
+) -> Path:
+    """Refuse, before any work is done, an output file that would lose something: one of the `inputs`, an
+    existing entry that is not a regular file, or an existing file unless `force`. Returns the path.
+
+    Raises:
+        OptionError: `output` or `force`, naming the file.
+    """
+    path = Path(path)
+    if not str(path).strip():
+        raise OptionError("output", "is an empty path")
+    if not path.exists() and not path.is_symlink():
+        return path
+    if any(path.exists() and os.path.samefile(path, f) for f in inputs):
+        raise OptionError("output", f"{path} is one of the {inputs_are}; write the {what} elsewhere")
+    if not path.is_file() or path.is_symlink():
+        raise OptionError("output", f"{path} exists and is not a regular file")
+    if not force:
+        raise OptionError("force", f"is needed to replace the existing file {path}")
+    return path
+
+
+def write_file_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it and a rename: the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, _umask_mode() & 0o666)  # mkstemp makes 0600; files follow the umask
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def check_output(
     dest: str | Path,
     force: bool = False,

@@ -99,8 +99,8 @@ class GenerationConfig:
 
 
 def prefill_step() -> int:
-    """Prompt tokens per forward pass. On the CPU backend 256 (a 1024-token prompt of the 270M model: 213 tok/s,
-    against 197 at 512 and 168 in one pass; measured in `benchmarks/prefill_chunks.py`), 512 on the GPU."""
+    """Prompt tokens per forward pass. On the CPU backend 256 (a 1024-token prompt of the 270M model: 210 tok/s,
+    against 191 at 512 and 165 in one pass; `benchmarks/prefill_chunks.py`), 512 on the GPU."""
     return 256 if mx.default_device() == mx.cpu else 512
 
 

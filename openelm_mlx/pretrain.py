@@ -22,6 +22,7 @@ from .config import OpenELMConfig
 from .data import TokenData, data_files, read_documents, tokenize_to_file
 from .errors import DataError, OptionError, check_range, settings_field
 from .eval import check_context
+from .fs import check_output_file
 from .io import parse_dtype, save
 from .model import Model
 from .tokenizer import TOKENIZER_FILE, Tokenizer
@@ -78,7 +79,7 @@ def train_tokenizer(
     check_range("vocab_size", vocab_size, MIN_VOCAB, 1 << 20, integer=True)
     output = Path(output)
     files = data_files(data)  # listed before our temporary folder exists (it may be inside a data folder)
-    _check_tokenizer_output(output, files, force)
+    check_output_file(output, force, inputs=files, inputs_are="training data files", what="tokenizer")
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tmp-") as tmp:
         corpus = Path(tmp) / "corpus.txt"
@@ -91,17 +92,6 @@ def train_tokenizer(
             raise DataError(f"{', '.join(map(str, data))}: {_vocab_problem(str(e), vocab_size)}") from None
         os.replace(Path(tmp) / "tok.model", output)
     return output
-
-
-def _check_tokenizer_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
-    if not output.exists() and not output.is_symlink():
-        return
-    if any(output.exists() and os.path.samefile(output, f) for f in inputs):
-        raise OptionError("output", f"{output} is one of the training data files; write the tokenizer elsewhere")
-    if not output.is_file() or output.is_symlink():
-        raise OptionError("output", f"{output} exists and is not a regular file")
-    if not force:
-        raise OptionError("force", f"is needed to replace the existing file {output}")
 
 
 def _vocab_problem(message: str, vocab_size: int) -> str:

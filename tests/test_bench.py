@@ -119,3 +119,19 @@ def test_mlx_lm_cli_generation_is_counted_as_ours(monkeypatch, tmp_path):
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: fake)
     speed = bench.run_mlx_lm_cli(tmp_path, prompt_tokens=8, gen_tokens=32, repeats=1)
     assert (speed.prompt_tps, speed.generation_tps, speed.peak_memory_gb) == (100.0, 31.0, 1.5)
+
+
+def test_bench_json_never_replaces_a_file_without_force(tmp_path):
+    arch = tmp_path / "tiny.json"
+    arch.write_text(json.dumps(OpenELMConfig.tiny().to_dict()))
+    base = ["bench", "--arch-config", str(arch), "-p", "8", "-g", "2", "--repeats", "1", "--compare", "none"]
+    mine = tmp_path / "notes.json"
+    mine.write_text("my notes")
+    result = CliRunner().invoke(app, [*base, "--json", str(mine)])
+    assert result.exit_code == 1 and "--force: is needed to replace the existing file" in result.output
+    assert mine.read_text() == "my notes" and "tok/s" not in result.output  # refused before any run
+    result = CliRunner().invoke(app, [*base, "--json", str(tmp_path)])
+    assert result.exit_code == 1 and "exists and is not a regular file" in result.output
+    result = CliRunner().invoke(app, [*base, "--json", str(mine), "--force"])
+    assert result.exit_code == 0 and set(json.loads(mine.read_text())) >= {"ours", "roofline"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left

@@ -96,6 +96,7 @@ def bench(
         str | None, typer.Option(help="tokenizer.model for mlx-lm's CLI run (default: the model's, or the demo's).")
     ] = None,
     json: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON to this file.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --json file.")] = False,
     seed: Annotated[int, typer.Option(hidden=True, help="Seed of the random weights.")] = 0,
 ) -> None:
     """Prompt and generation tokens/s and peak memory: ours, mlx-lm's model in this process, mlx-lm's CLI."""
@@ -104,6 +105,12 @@ def bench(
 
     with user_errors():
         b.check_options(prompt_tokens, gen_tokens, repeats, dtype or "float32")
+        if json is not None:
+            from ..fs import check_output_file
+
+            check_output_file(json, force)
+        elif force:
+            raise OptionError("force", "takes effect only with --json")
         if compare not in ("mlx-lm", "none"):
             raise OptionError("compare", f"must be mlx-lm or none, got {compare!r}")
         if quantize is not None and quantize not in (4, 8):
