@@ -108,22 +108,23 @@ def check_output_file(
     inputs: Sequence[str | Path] = (),
     inputs_are: str = "input files",
     what: str = "output",
+    option: str = "output",
 ) -> Path:
     """Refuse, before any work is done, an output file that would lose something: one of the `inputs`, an
     existing entry that is not a regular file, or an existing file unless `force`. Returns the path.
 
     Raises:
-        OptionError: `output` or `force`, naming the file.
+        OptionError: `option` (the one naming the file) or `force`, naming the file.
     """
     path = Path(path)
     if not str(path).strip():
-        raise OptionError("output", "is an empty path")
+        raise OptionError(option, "is an empty path")
     if not path.exists() and not path.is_symlink():
         return path
     if any(path.exists() and os.path.samefile(path, f) for f in inputs):
-        raise OptionError("output", f"{path} is one of the {inputs_are}; write the {what} elsewhere")
+        raise OptionError(option, f"{path} is one of the {inputs_are}; write the {what} elsewhere")
     if not path.is_file() or path.is_symlink():
-        raise OptionError("output", f"{path} exists and is not a regular file")
+        raise OptionError(option, f"{path} exists and is not a regular file")
     if not force:
         raise OptionError("force", f"is needed to replace the existing file {path}")
     return path

@@ -108,7 +108,7 @@ def bench(
         if json is not None:
             from ..fs import check_output_file
 
-            check_output_file(json, force)
+            check_output_file(json, force, option="json")
         elif force:
             raise OptionError("force", "takes effect only with --json")
         if compare not in ("mlx-lm", "none"):
