@@ -1,6 +1,7 @@
 """Step time, tokens/s and peak memory of LoRA/DoRA steps on a 270M-shaped OpenELM (random weights), float vs
 4-bit base, for our model and for mlx-lm's OpenELM with mlx-lm's LoRA layers (same weights, data and loop).
-Each configuration runs in its own process (clean peak memory).
+Each configuration runs in its own process (clean peak memory); rows are merged into benchmarks/results.json with
+machine, backend and BLAS.
 
     python benchmarks/lora_step.py [--batch-size 2] [--seq-len 128] [--steps 3]
 """
@@ -9,6 +10,11 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+from openelm_mlx import bench
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
 
 CHILD = """
 import json, sys
@@ -67,6 +73,9 @@ def main() -> None:
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 rows[(kind, bits, impl)] = json.loads(out.stdout.strip().splitlines()[-1])
                 print(kind, bits or "float32", impl, rows[(kind, bits, impl)], file=sys.stderr, flush=True)
+                settings = {"rank": 8, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps}
+                key = f"{kind} step OpenELM-270M/{'4-bit' if bits else 'float32'} base/{impl}"
+                bench.record(RESULTS, key, {**rows[(kind, bits, impl)], **settings})
     print(f"270M-shaped adapter step (rank 8, all 4 projections), batch {args.batch_size} x {args.seq_len} tokens")
     print(f"(best of steps 2..{args.steps}); ratio = ours / mlx-lm")
     print(

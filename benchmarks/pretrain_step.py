@@ -70,7 +70,8 @@ def main() -> None:
             f"({r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x)  peak {r['peak_gb']:.2f} GB "
             f"({r['peak_gb'] / base['peak_gb']:.2f}x)"
         )
-        key = f"pretrain step OpenELM-270M/{dtype}/grad-checkpoint={'on' if ckpt else 'off'}"
+        shape = f"{args.batch_size}x{args.seq_len}"
+        key = f"pretrain step OpenELM-270M/{dtype}/{shape}/grad-checkpoint={'on' if ckpt else 'off'}"
         bench.record(RESULTS, key, {**r, "batch_size": args.batch_size, "seq_len": args.seq_len})
 
 

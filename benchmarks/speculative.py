@@ -2,16 +2,19 @@
 
     python benchmarks/speculative.py [TARGET] [--draft DRAFT] [--num-draft-tokens 3] [--max-tokens 200]
 
-Default pair: the bundled demo model drafted by its own 4-bit quantization (same vocabulary).
+Default pair: the bundled demo model drafted by its own 4-bit quantization (same vocabulary). The row is merged into
+benchmarks/results.json with machine, backend and BLAS.
 """
 
 import argparse
+from pathlib import Path
 
-from openelm_mlx import load
+from openelm_mlx import bench, load
 from openelm_mlx.demo import DEMO_DIR
 from openelm_mlx.generate import stream_generate
 from openelm_mlx.quantize import quantize_model
 
+RESULTS = Path(__file__).resolve().parent / "results.json"
 PROMPTS = ["ROMEO:", "First Citizen:\nWe are accounted poor citizens", "KING RICHARD III:\nNow is the winter"]
 
 
@@ -56,6 +59,18 @@ def main() -> None:
         f"{sum(spec_tps) / len(spec_tps):.1f} ({sum(spec_tps) / sum(plain_tps):.2f}x)"
     )
     print(f"  text identical to plain decoding: {same}")
+    row = {
+        "target": Path(args.target).name,
+        "draft": name,
+        "num_draft_tokens": args.num_draft_tokens,
+        "max_tokens": args.max_tokens,
+        "from_draft": total_acc / total_gen,
+        "plain_tps": sum(plain_tps) / len(plain_tps),
+        "speculative_tps": sum(spec_tps) / len(spec_tps),
+        "speedup": sum(spec_tps) / sum(plain_tps),
+        "text_identical": same,
+    }
+    bench.record(RESULTS, f"speculative {Path(args.target).name}/draft={Path(name).name}", row)
 
 
 if __name__ == "__main__":
