@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from openelm_mlx.arch import resolve_arch
-from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.config import FLOAT16_OVERFLOW, OpenELMConfig
 from openelm_mlx.errors import CheckpointError, ConfigError, OptionError
 from openelm_mlx.fs import atomic_output_dir, check_output, require_regular_file
 from openelm_mlx.hub import download
@@ -156,11 +156,7 @@ def _choose_dtype(requested: str | None, tensors: dict[str, LazyTensor], config:
         dtype = "float32"  # e.g. a float64 source
     parse_dtype(dtype)
     if dtype == "float16" and config.is_3b_shaped and not force:
-        raise OptionError(
-            "dtype",
-            "float16 overflows in 3B-shaped OpenELMs (activations reach the hundreds of thousands); "
-            "use bfloat16, or force the conversion",
-        )
+        raise OptionError("dtype", f"{FLOAT16_OVERFLOW}; use bfloat16, or force the conversion")
     return dtype
 
 

@@ -25,12 +25,14 @@ from mlx.utils import tree_flatten, tree_map
 from . import blas
 from .config import OpenELMConfig
 from .decode import decoder_for
-from .errors import OpenELMError, OptionError, check_range
+from .errors import OpenELMError, check_range
 from .fs import write_file_atomic
 from .generate import GenerationConfig, generate_tokens
+from .io import DTYPES as _DTYPES
+from .io import parse_dtype
 from .model import Model
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(_DTYPES)
 
 
 @dataclass
@@ -54,8 +56,7 @@ def check_options(prompt_tokens: int, gen_tokens: int, repeats: int, dtype: str)
     check_range("prompt_tokens", prompt_tokens, 1, 65536, integer=True)
     check_range("gen_tokens", gen_tokens, 2, 65536, integer=True)
     check_range("repeats", repeats, 1, 100, integer=True)
-    if dtype not in DTYPES:
-        raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    parse_dtype(dtype)
 
 
 def machine() -> str:
@@ -113,7 +114,7 @@ def random_model(config: OpenELMConfig, dtype: str = "float32", seed: int = 0) -
     """A model with small random weights (so logits stay varied) in `dtype`."""
     mx.random.seed(seed)
     model = Model(config)
-    model.update(tree_map(lambda p: (p * 0.5).astype(getattr(mx, dtype)), model.parameters()))
+    model.update(tree_map(lambda p: (p * 0.5).astype(parse_dtype(dtype)), model.parameters()))
     mx.eval(model.parameters())
     return model.eval()
 

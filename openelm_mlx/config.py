@@ -59,6 +59,8 @@ _PRESET_COMMON = dict(
     ffn_with_glu=True,
 )
 
+FLOAT16_OVERFLOW = "float16 overflows in 3B-shaped OpenELMs (activations reach the hundreds of thousands)"
+
 
 def make_divisible(v: float, divisor: int) -> int:
     """Round `v` to a multiple of `divisor`, never more than 10% below `v` (Apple's rule)."""
@@ -250,7 +252,7 @@ class OpenELMConfig:
 
     @property
     def is_3b_shaped(self) -> bool:
-        """True for models as wide as the 3B, whose activations overflow float16."""
+        """True for models as wide as the 3B, whose activations overflow float16 (see FLOAT16_OVERFLOW)."""
         return self.model_dim >= 3072
 
     def num_parameters(self) -> int:

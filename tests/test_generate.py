@@ -264,3 +264,35 @@ def test_instruct_is_decided_by_the_record_first_then_the_name(tmp_path, model, 
     assert load(plain)[1].chat_template is False
     assert uses_chat_template(None, "apple/OpenELM-270M-Instruct") is True  # no record: the name decides
     assert uses_chat_template(tmp_path / "missing", "OpenELM-270M") is False
+
+
+def test_cli_dtype_casts_and_the_float32_hint(tmp_path, model, llama_tokenizer_path, monkeypatch):
+    """A bfloat16 model on the CPU next to a fast BLAS gets one note pointing at --dtype float32; with the option
+    it generates what the float32-cast model generates, and the note is gone."""
+    from openelm_mlx import blas
+    from openelm_mlx.io import cast_floating
+
+    half = random_model(OpenELMConfig.tiny(**TINY), seed=1)
+    cast_floating(half, mx.bfloat16)
+    save(half, tmp_path / "bf16", tokenizer=Tokenizer(llama_tokenizer_path))
+    monkeypatch.setattr(blas.STATE, "source", "mkl")
+    args = ["generate", "--model", str(tmp_path / "bf16"), "--prompt", "Hello", "--max-tokens", "8"]
+    noted = CliRunner().invoke(app, args)
+    assert noted.exit_code == 0, noted.output
+    assert "note: bfloat16 runs several times slower than float32" in noted.stderr
+    wide = CliRunner().invoke(app, [*args, "--dtype", "float32"])
+    assert wide.exit_code == 0, wide.output
+    assert "note:" not in wide.stderr
+    cast, tok = load(tmp_path / "bf16", dtype="float32")
+    assert wide.stdout == generate(cast, tok, "Hello", max_tokens=8) + "\n"
+    monkeypatch.setattr(blas.STATE, "source", "bundled")  # the reference BLAS: float32 is no faster
+    assert "note:" not in CliRunner().invoke(app, args).stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_cli_unknown_dtype_is_one_line(command):
+    args = [command, "--dtype", "int4"] + (["--prompt", "Hi"] if command == "generate" else [])
+    result = CliRunner().invoke(app, args, input="/exit\n")
+    assert result.exit_code == 1
+    assert "--dtype: must be one of float32, float16, bfloat16, got 'int4'" in result.output
+    assert "Traceback" not in result.output

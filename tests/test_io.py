@@ -162,3 +162,54 @@ def test_saved_model_with_tokenizer_loads_with_mlx_lm_load(tmp_path, llama_token
     assert list(their_tok.apply_chat_template(messages, add_generation_prompt=True)) == our_tok.apply_chat_template(
         messages
     )
+
+
+def _as_bfloat16(model):
+    from openelm_mlx.io import cast_floating
+
+    cast_floating(model, mx.bfloat16)
+    mx.eval(model.parameters())
+    return model
+
+
+def test_dtype_casts_float_weights_as_they_load(tiny_model, tmp_path):
+    """A bfloat16 folder loaded with dtype="float32" computes in float32 on the same (exactly widened) weights."""
+    from mlx.utils import tree_flatten
+
+    save(_as_bfloat16(tiny_model), tmp_path / "bf16")
+    half = load_model(tmp_path / "bf16")
+    wide = load_model(tmp_path / "bf16", dtype="float32")
+    assert {v.dtype for _, v in tree_flatten(half.parameters())} == {mx.bfloat16}
+    assert {v.dtype for _, v in tree_flatten(wide.parameters())} == {mx.float32}
+    for (name, h), (_, w) in zip(tree_flatten(half.parameters()), tree_flatten(wide.parameters())):
+        assert mx.array_equal(h.astype(mx.float32), w), name
+    assert wide(X).dtype == mx.float32 and half(X).dtype == mx.bfloat16
+
+
+def test_dtype_keeps_packed_quantized_weights(tiny_model, tmp_path):
+    from openelm_mlx.io import cast_floating
+
+    nn.quantize(tiny_model, group_size=32, bits=4)
+    save(_as_bfloat16(tiny_model), tmp_path / "q")
+    wide = load_model(tmp_path / "q", dtype="float32")
+    qkv = wide.layers[0].attn.qkv_proj
+    assert qkv.weight.dtype == mx.uint32 and qkv.scales.dtype == mx.float32
+    cast_floating(tiny_model, mx.float32)  # the same bfloat16 values, widened in memory
+    assert mx.array_equal(wide(X), tiny_model(X))
+
+
+def test_unknown_dtype_is_refused_before_reading(tmp_path):
+    from openelm_mlx import OptionError, load
+
+    with pytest.raises(OptionError, match="dtype: must be one of float32, float16, bfloat16, got 'int4'"):
+        load(tmp_path / "missing", dtype="int4")
+
+
+def test_float16_is_refused_for_3b_shaped_models(tmp_path):
+    from openelm_mlx import OptionError
+    from openelm_mlx.config import OpenELMConfig
+
+    (tmp_path / "3b").mkdir()
+    (tmp_path / "3b" / "config.json").write_text(json.dumps(OpenELMConfig.from_preset("OpenELM-3B").to_dict()))
+    with pytest.raises(OptionError, match="float16 overflows in 3B-shaped OpenELMs.*use bfloat16 or float32"):
+        load_model(tmp_path / "3b", dtype="float16")

@@ -33,19 +33,9 @@ def _build_model(model: str | None, arch: str | None, arch_config: str | None, d
     if (model is None) == (arch is None and arch_config is None):
         raise OptionError("model", "give either --model or --arch (random weights)")
     if model is not None:
-        import mlx.core as mx
-        from mlx.utils import tree_map
-
         from ..io import load_model
 
-        m = load_model(model)
-        if dtype is not None:
-            m.update(
-                tree_map(
-                    lambda p: p.astype(getattr(mx, dtype)) if mx.issubdtype(p.dtype, mx.floating) else p, m.parameters()
-                )
-            )
-        return m
+        return load_model(model, dtype=dtype)
     return random_model(resolve_arch(arch, arch_config), dtype or "float32", seed)
 
 

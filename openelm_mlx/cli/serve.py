@@ -9,8 +9,9 @@ import typer
 
 from ..errors import OpenELMError, OptionError, check_range
 from ..generate import MIN_KV_SIZE
+from ..io import parse_dtype
 from ._app import app, user_errors
-from .generate import ModelOpt, TokenizerOpt, load_for_generation
+from .generate import DtypeOpt, ModelOpt, TokenizerOpt, load_for_generation
 
 DEMO_ID = "openelm-mlx-demo"
 
@@ -23,6 +24,7 @@ def serve(
         str | None, typer.Option(help="Smaller model with the same vocabulary for speculative decoding.")
     ] = None,
     adapter_path: Annotated[str | None, typer.Option(help="LoRA adapters to apply to the model.")] = None,
+    dtype: DtypeOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes the server to the network).")] = (
         "127.0.0.1"
     ),
@@ -44,6 +46,8 @@ def serve(
         check_range("port", port, 1, 65535, integer=True)
         check_range("max_tokens_limit", max_tokens_limit, 1, integer=True)
         check_range("max_kv_size", max_kv_size, MIN_KV_SIZE, integer=True)
+        if dtype is not None:
+            parse_dtype(dtype)
         if api_key is not None and not api_key.strip():
             raise OptionError("api_key", "must not be empty (no client could send it)")
         if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
@@ -58,7 +62,7 @@ def serve(
             ) from None
         sock = bind(host, port)  # a taken port fails here, before the model loads
         # The worker thread runs the loader: MLX state is made in the thread that uses it.
-        loader = partial(load_for_generation, model, tokenizer, adapter_path, draft_model)
+        loader = partial(load_for_generation, model, tokenizer, adapter_path, draft_model, dtype)
         worker = Worker(loader, max_kv_size=max_kv_size)
         try:
             worker.start()
