@@ -25,11 +25,20 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def parse_dtype(name: str, option: str = "dtype") -> mx.Dtype:
-    """`float32`, `float16` or `bfloat16` as an MLX dtype; anything else raises OptionError."""
-    if name not in DTYPES:
+def parse_dtype(name: str | mx.Dtype, option: str = "dtype") -> mx.Dtype:
+    """`float32`, `float16` or `bfloat16` (by name or as the MLX dtype) as an MLX dtype; anything else raises
+    OptionError."""
+    if isinstance(name, mx.Dtype) and name in DTYPES.values():
+        return name
+    if not isinstance(name, str) or name not in DTYPES:
         raise OptionError(option, f"must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def check_cast(config: OpenELMConfig, raw: dict[str, Any], dtype: mx.Dtype, path: Path) -> None:
+    """Refuse casting a 3B-shaped model to float16, where its activations overflow (one saved in float16 loads)."""
+    if dtype == mx.float16 and config.is_3b_shaped and raw.get("torch_dtype") != "float16":
+        raise OptionError("dtype", f"{Path(path) / 'config.json'}: {FLOAT16_OVERFLOW}; use bfloat16 or float32")
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
@@ -98,8 +107,8 @@ def load_model(path: str | Path, lazy: bool = False, dtype: str | None = None) -
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a model folder")
     config, raw = read_config(path)
-    if dtype == "float16" and config.is_3b_shaped:
-        raise OptionError("dtype", f"{FLOAT16_OVERFLOW}; use bfloat16 or float32")
+    if target is not None:
+        check_cast(config, raw, target, path)
     weights, sources = read_weights(path)
     _check_plausible(config, sources, path)
     model = Model(config)
@@ -107,9 +116,13 @@ def load_model(path: str | Path, lazy: bool = False, dtype: str | None = None) -
         apply_quantization(model, raw["quantization"], lambda p: f"{p}.scales" in weights, path / "config.json")
     check_weights(model, weights, sources)
     model.load_weights(list(weights.items()))
+    weights.clear()  # the model holds the only references now (a cast then frees each saved tensor)
+    model.eval()
     if target is not None:
         cast_floating(model, target)
-    model.eval()
+        if not lazy:  # one tensor at a time, so the saved copy and the cast one are never both whole in memory
+            for _, p in tree_flatten(model.parameters()):
+                mx.eval(p)
     if not lazy:
         mx.eval(model.parameters())
     return model
@@ -187,7 +200,11 @@ def load(
     if path_or_repo is None or not str(path_or_repo).strip():
         raise OptionError("model", "is an empty path")
     if dtype is not None:
-        parse_dtype(dtype)
+        target = parse_dtype(dtype)
+        if target == mx.float16 and not Path(path_or_repo).exists():
+            # A Hub repo: read its config first, so a 3B refused in float16 costs one small file, not its weights.
+            config_folder = resolve(path_or_repo, patterns=("config.json",))
+            check_cast(*read_config(config_folder), target, config_folder)
     folder = resolve(path_or_repo)
     model = load_model(folder, lazy=lazy, dtype=dtype)
     tok = find_tokenizer(folder, tokenizer, chat_template, name=str(path_or_repo))

@@ -267,8 +267,8 @@ def test_instruct_is_decided_by_the_record_first_then_the_name(tmp_path, model, 
 
 
 def test_cli_dtype_casts_and_the_float32_hint(tmp_path, model, llama_tokenizer_path, monkeypatch):
-    """A bfloat16 model on the CPU next to a fast BLAS gets one note pointing at --dtype float32; with the option
-    it generates what the float32-cast model generates, and the note is gone."""
+    """A bfloat16 model on the CPU next to a fast BLAS gets one note pointing at --dtype float32, after it loads;
+    with the option it generates what the float32-cast model generates, and the note is gone."""
     from openelm_mlx import blas
     from openelm_mlx.io import cast_floating
 
@@ -276,23 +276,38 @@ def test_cli_dtype_casts_and_the_float32_hint(tmp_path, model, llama_tokenizer_p
     cast_floating(half, mx.bfloat16)
     save(half, tmp_path / "bf16", tokenizer=Tokenizer(llama_tokenizer_path))
     monkeypatch.setattr(blas.STATE, "source", "mkl")
-    args = ["generate", "--model", str(tmp_path / "bf16"), "--prompt", "Hello", "--max-tokens", "8"]
-    noted = CliRunner().invoke(app, args)
-    assert noted.exit_code == 0, noted.output
-    assert "note: bfloat16 runs several times slower than float32" in noted.stderr
-    wide = CliRunner().invoke(app, [*args, "--dtype", "float32"])
-    assert wide.exit_code == 0, wide.output
-    assert "note:" not in wide.stderr
-    cast, tok = load(tmp_path / "bf16", dtype="float32")
-    assert wide.stdout == generate(cast, tok, "Hello", max_tokens=8) + "\n"
-    monkeypatch.setattr(blas.STATE, "source", "bundled")  # the reference BLAS: float32 is no faster
-    assert "note:" not in CliRunner().invoke(app, args).stderr
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)  # the note is about MLX's CPU backend
+    try:
+        args = ["generate", "--model", str(tmp_path / "bf16"), "--prompt", "Hello", "--max-tokens", "8"]
+        noted = CliRunner().invoke(app, args)
+        assert noted.exit_code == 0, noted.output
+        assert "note: bfloat16 runs several times slower than float32" in noted.stderr
+        wide = CliRunner().invoke(app, [*args, "--dtype", "float32"])
+        assert wide.exit_code == 0, wide.output
+        assert "note:" not in wide.stderr
+        cast, tok = load(tmp_path / "bf16", dtype="float32")
+        assert wide.stdout == generate(cast, tok, "Hello", max_tokens=8) + "\n"
+        failed = CliRunner().invoke(app, [*args, "--adapter-path", str(tmp_path / "missing")])
+        assert failed.exit_code == 1 and "note:" not in failed.output  # a failed load is one error line only
+        monkeypatch.setattr(blas.STATE, "source", "bundled")  # the reference BLAS: float32 is no faster
+        assert "note:" not in CliRunner().invoke(app, args).stderr
+    finally:
+        mx.set_default_device(device)
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
-def test_cli_unknown_dtype_is_one_line(command):
-    args = [command, "--dtype", "int4"] + (["--prompt", "Hi"] if command == "generate" else [])
-    result = CliRunner().invoke(app, args, input="/exit\n")
+def test_cli_unknown_dtype_is_one_line_before_anything_else(command):
+    """Checked with the other options: before stdin is read, the demo is announced, or serve takes its port (held
+    here, so a later check would report the port instead)."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        args = {"generate": ["--prompt", "-"], "chat": [], "serve": ["--port", port]}[command]
+        result = CliRunner().invoke(app, [command, "--dtype", "int4", *args], input="Hi\n/exit\n")
     assert result.exit_code == 1
-    assert "--dtype: must be one of float32, float16, bfloat16, got 'int4'" in result.output
-    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["error: --dtype: must be one of float32, float16, bfloat16, got 'int4'"]

@@ -211,5 +211,58 @@ def test_float16_is_refused_for_3b_shaped_models(tmp_path):
 
     (tmp_path / "3b").mkdir()
     (tmp_path / "3b" / "config.json").write_text(json.dumps(OpenELMConfig.from_preset("OpenELM-3B").to_dict()))
-    with pytest.raises(OptionError, match="float16 overflows in 3B-shaped OpenELMs.*use bfloat16 or float32"):
+    with pytest.raises(OptionError, match="3b/config.json: float16 overflows in 3B-shaped.*use bfloat16 or float32"):
         load_model(tmp_path / "3b", dtype="float16")
+    saved_in_float16 = {**OpenELMConfig.from_preset("OpenELM-3B").to_dict(), "torch_dtype": "float16"}
+    (tmp_path / "3b" / "config.json").write_text(json.dumps(saved_in_float16))  # as `convert --force` writes it
+    with pytest.raises(CheckpointError, match="safetensors"):  # past the dtype check, to the missing weights
+        load_model(tmp_path / "3b", dtype="float16")
+
+
+def test_a_cast_never_holds_both_copies_whole(tmp_path):
+    """Casting as it loads evaluates tensor by tensor: the peak is the float32 model plus one saved tensor, not the
+    float32 and the bfloat16 model together."""
+    from mlx.utils import tree_flatten
+
+    from openelm_mlx.config import OpenELMConfig
+    from openelm_mlx.model import Model
+
+    model = Model(OpenELMConfig.tiny(model_dim=256, num_transformer_layers=8))
+    mx.eval(model.parameters())
+    save(_as_bfloat16(model), tmp_path / "bf16")
+    sizes = [v.nbytes for _, v in tree_flatten(model.parameters())]
+    del model
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    wide = load_model(tmp_path / "bf16", dtype="float32")
+    wide_bytes = sum(v.nbytes for _, v in tree_flatten(wide.parameters()))
+    assert wide_bytes == 2 * sum(sizes)
+    assert mx.get_peak_memory() <= wide_bytes + 2 * max(sizes) < wide_bytes + sum(sizes)
+
+
+def test_dtype_by_mlx_dtype_and_bad_types():
+    from openelm_mlx import OptionError
+    from openelm_mlx.io import parse_dtype
+
+    assert parse_dtype(mx.bfloat16) == mx.bfloat16 and parse_dtype("float16") == mx.float16
+    for bad in (mx.int32, ["float32"], 32, "FLOAT32"):
+        with pytest.raises(OptionError, match="dtype: must be one of"):
+            parse_dtype(bad)
+
+
+def test_float16_from_the_hub_reads_only_the_config_before_refusing_a_3b(tmp_path, monkeypatch):
+    from openelm_mlx import OptionError, hub, load
+    from openelm_mlx.config import OpenELMConfig
+
+    fetched = []
+
+    def fake_download(repo_id, patterns=hub.MODEL_FILES, revision=None):
+        fetched.append(tuple(patterns))
+        (tmp_path / "snap").mkdir(exist_ok=True)
+        (tmp_path / "snap" / "config.json").write_text(json.dumps(OpenELMConfig.from_preset("OpenELM-3B").to_dict()))
+        return tmp_path / "snap"
+
+    monkeypatch.setattr(hub, "download", fake_download)
+    with pytest.raises(OptionError, match="float16 overflows"):
+        load("apple/OpenELM-3B-Instruct", dtype="float16")
+    assert fetched == [("config.json",)]

@@ -10,6 +10,7 @@ import typer
 from .. import blas
 from ..errors import OptionError
 from ..generate import GenerationConfig
+from ..io import parse_dtype
 from ._app import app, read_stdin_text, settings_options, user_errors
 
 ModelOpt = Annotated[str | None, typer.Option(help="MLX model folder or Hub repo id (default: the bundled demo).")]
@@ -26,8 +27,8 @@ AdapterOpt = Annotated[
 DtypeOpt = Annotated[
     str | None,
     typer.Option(
-        help="Cast the weights to float32, bfloat16 or float16 as they load (default: as saved). On Linux with a fast "
-        "BLAS, float32 generates several times faster than bfloat16."
+        help="Cast the weights to float32, bfloat16 or float16 as they load (default: as saved). On MLX's CPU backend "
+        "with a fast BLAS (Linux), float32 generates several times faster than bfloat16."
     ),
 ]
 CHAT_SETTINGS = ("max_tokens", "temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_kv_size")
@@ -42,8 +43,9 @@ def load_for_generation(
 ) -> tuple[Any, Any, Any]:
     """The model, tokenizer and draft model (or None) to generate with (the bundled demo when `model` is None).
 
-    Both models are cast to `dtype` if given; adapters are applied to the model; the draft model shares its tokenizer
-    and is checked against it.
+    Both models are cast to `dtype` if given (adapter weights keep theirs); adapters are applied to the model; the
+    draft model shares its tokenizer and is checked against it. A note on stderr follows a successful load where
+    float32 would be much faster.
     """
     from ..demo import DEMO_DIR, DEMO_NAME
     from ..generate import check_draft_model
@@ -58,8 +60,6 @@ def load_for_generation(
         )
         model = str(DEMO_DIR)
     m, tok = load(model, tokenizer=tokenizer, dtype=dtype)
-    if dtype is None:
-        _hint_float32(m)
     if adapter_path is not None:
         from ..lora import load_adapters
 
@@ -68,19 +68,22 @@ def load_for_generation(
     if draft_model:
         draft = load(draft_model, tokenizer=tok.model_file, dtype=dtype)[0]
         check_draft_model(m, draft)  # once here; token_steps still guards each call
+    if dtype is None:
+        _hint_float32(m)
     return m, tok, draft
 
 
 def _hint_float32(model: Any) -> None:
-    """Say once when a half-precision float model runs on the CPU backend next to a fast BLAS, where float32 is
-    several times faster (MLX's CPU backend has no fast bfloat16/float16 matmul; float32 goes to the BLAS)."""
+    """Say once when a half-precision float model runs on the CPU backend next to the fast BLAS our Linux loader
+    found, where float32 is several times faster (MLX's CPU backend has no fast bfloat16/float16 matmul; float32
+    goes to the BLAS)."""
     import mlx.core as mx
 
     from ..io import compute_dtype, dtype_name
     from ..quantize import quantization_settings
 
     dtype = compute_dtype(model)
-    fast_blas = blas.STATE.source in ("env", "mkl", "system", "platform")
+    fast_blas = blas.STATE.source in ("env", "mkl", "system")
     half = dtype in (mx.bfloat16, mx.float16) and quantization_settings(model) is None
     if half and fast_blas and mx.default_device() == mx.cpu:
         typer.echo(
@@ -126,6 +129,8 @@ def generate(
         config = GenerationConfig(**settings)
         if draft_model is None and config.num_draft_tokens != GenerationConfig.num_draft_tokens:
             raise OptionError("num_draft_tokens", "takes effect only with a draft model")
+        if dtype is not None:
+            parse_dtype(dtype)
         if prompt == "-":
             prompt = read_stdin_text()
         m, tok, draft = load_for_generation(model, tokenizer, adapter_path, draft_model, dtype)
@@ -156,6 +161,8 @@ def chat(
 
     with user_errors(tokenizer_option=True):
         config = GenerationConfig(**settings)
+        if dtype is not None:
+            parse_dtype(dtype)
         m, tok, _ = load_for_generation(model, tokenizer, adapter_path, dtype=dtype)
         session = ChatSession(m, tok, config=config, system=system)
         if hasattr(sys.stdin, "reconfigure"):
