@@ -12,6 +12,9 @@ training mode, the GPU, where the fused kernels already are) goes through the mo
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import mlx.core as mx
@@ -19,6 +22,61 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from .model import Model
+
+Exp = Callable[[mx.array], mx.array]
+
+
+def _power_exp(x: mx.array) -> mx.array:
+    """float32's e raised to `x`: exp(x) within 3e-8 * |x| relative (e is 3e-8 off in float32)."""
+    return mx.power(math.e, x)
+
+
+@cache
+def fast_exp() -> Exp:
+    """`mx.exp`, or `_power_exp` on builds where that is over twice as fast, picked once per process.
+
+    MLX's x86-64 wheel (0.32) computes `exp` in scalar code that calls libm's `fmaf` through the PLT, also inside the
+    kernels `mx.compile` generates: 12.8 ns per element on the development machine, where `power` (libm's `powf`)
+    takes 4.4. The SwiGLU and the attention softmax are most of a decode step's `exp`s. Builds with a vectorised `exp`
+    (Apple silicon; x86-64 once MLX ships its SIMD code there) fail the 2x test and keep `mx.exp`, which also keeps
+    the step's results equal to the eager model's to the last bit in those parts.
+    """
+    x = mx.linspace(-8.0, 0.0, 1 << 16)
+    mx.eval(x)
+
+    def best_of_five(fn: Exp) -> float:
+        times = []
+        for _ in range(5):
+            tic = time.perf_counter()
+            mx.eval(fn(x))
+            times.append(time.perf_counter() - tic)
+        return min(times)
+
+    with mx.stream(mx.cpu):
+        fast = best_of_five(_power_exp) * 2 < best_of_five(mx.exp)
+    return _power_exp if fast else mx.exp
+
+
+def _silu(x: mx.array, exp: Exp) -> mx.array:
+    return nn.silu(x) if exp is mx.exp else x / (1 + exp(-x))
+
+
+def _softmax(scores: mx.array, exp: Exp) -> mx.array:
+    """Softmax over the last axis, in float32 (as `precise=True`)."""
+    if exp is mx.exp:
+        return mx.softmax(scores, axis=-1, precise=True)
+    s = scores.astype(mx.float32)
+    e = exp(s - s.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(scores.dtype)
+
+
+def _ffn(ffn: nn.Module, x: mx.array, exp: Exp) -> mx.array:
+    """`model.FeedForward` with its SiLU through `exp`."""
+    h = ffn.proj_1(x)
+    if ffn.glu:
+        gate, up = mx.split(h, 2, axis=-1)
+        return ffn.proj_2(_silu(gate, exp) * up)
+    return ffn.proj_2(_silu(h, exp))
 
 
 def _rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -44,7 +102,14 @@ def _rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 
 def _attention(
-    attn: nn.Module, x: mx.array, offset: mx.array, keys: mx.array, values: mx.array, mask: mx.array, rope: Any
+    attn: nn.Module,
+    x: mx.array,
+    offset: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    mask: mx.array,
+    rope: Any,
+    exp: Exp,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """One position of `model.Attention` on preallocated cache buffers: (output (B, D), keys, values)."""
     B = x.shape[0]
@@ -66,12 +131,12 @@ def _attention(
     values = mx.slice_update(values, v[:, :, None], start, axes=(2,))
     # Query heads grouped by the kv head they share: one (group, head_dim) @ (head_dim, capacity) per kv head.
     scores = q.reshape(B, n_kv_heads, n_heads // n_kv_heads, head_dim) @ keys.swapaxes(-1, -2)
-    probs = mx.softmax(mx.where(mask, scores, -mx.inf), axis=-1, precise=True)
+    probs = _softmax(mx.where(mask, scores, -mx.inf), exp)
     out = (probs @ values).reshape(B, n_heads * head_dim)
     return attn.out_proj(out), keys, values
 
 
-def _step_fn(model: Model) -> Any:
+def _step_fn(model: Model, exp: Exp) -> Any:
     """The function to compile: (tokens (B, 1), offset, keys, values) -> (logits (B, 1, V), keys, values)."""
 
     def step(tokens: mx.array, offset: mx.array, keys: list, values: list) -> tuple:
@@ -82,9 +147,9 @@ def _step_fn(model: Model) -> Any:
         new_keys, new_values = [], []
         for layer, k, v in zip(t.layers, keys, values):
             x = _rms_norm(h, layer.attn_norm.weight, layer.attn_norm.eps)
-            out, k, v = _attention(layer.attn, x, offset, k, v, mask, rope)
+            out, k, v = _attention(layer.attn, x, offset, k, v, mask, rope, exp)
             h = h + out
-            h = h + layer.ffn(_rms_norm(h, layer.ffn_norm.weight, layer.ffn_norm.eps))
+            h = h + _ffn(layer.ffn, _rms_norm(h, layer.ffn_norm.weight, layer.ffn_norm.eps), exp)
             new_keys.append(k)
             new_values.append(v)
         return model.head(_rms_norm(h, t.norm.weight, t.norm.eps))[:, None], new_keys, new_values
@@ -117,7 +182,7 @@ class _CompiledStep:
     """
 
     def __init__(self, model: Model):
-        self.fn = mx.compile(_step_fn(model), inputs=[model.state])
+        self.fn = mx.compile(_step_fn(model, fast_exp()), inputs=[model.state])
         self.traced: set[tuple] = set()
 
     def __deepcopy__(self, memo: dict) -> None:

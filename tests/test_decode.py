@@ -51,10 +51,20 @@ def decode_both(model, decoder, prompt_len: int, steps: int):
     return worst
 
 
+@pytest.mark.parametrize("exp", ["mx.exp", "power"])
 @pytest.mark.parametrize(
-    "config", [OpenELMConfig.tiny(), OpenELMConfig.tiny(head_dim=24, share_input_output_layers=False)]
+    "config",
+    [
+        OpenELMConfig.tiny(),
+        OpenELMConfig.tiny(head_dim=24, share_input_output_layers=False),
+        OpenELMConfig.tiny(ffn_with_glu=False, normalize_qk_projections=False),
+    ],
 )
-def test_compiled_steps_equal_the_eager_model(config):
+def test_compiled_steps_equal_the_eager_model(config, exp, monkeypatch):
+    """With either exponential `decode.fast_exp` may pick for this machine (the SiLU and the softmax use it)."""
+    from openelm_mlx import decode
+
+    monkeypatch.setattr(decode, "fast_exp", lambda: mx.exp if exp == "mx.exp" else decode._power_exp)
     model = random_model(config)
     decoder, calls = counted_decoder(model)
     # A 250-token prompt and 12 steps: the cache buffer (256 positions) fills and grows on the way.
@@ -191,3 +201,14 @@ def test_a_copied_model_compiles_its_own_step():
     twin = copy.deepcopy(model)
     twin.update(tree_map(lambda p: p * 0.5, twin.parameters()))
     assert decode_both(twin, decoder_for(twin), 5, 2) < 1e-5
+
+
+@pytest.mark.parametrize("exp", ["mx.exp", "power"])
+def test_step_softmax_and_silu_hold_at_large_values(exp):
+    from openelm_mlx import decode
+
+    fn = mx.exp if exp == "mx.exp" else decode._power_exp
+    probs = decode._softmax(mx.array([[1000.0, 999.0, -mx.inf]]), fn)
+    assert mx.allclose(probs, mx.array([[0.7310586, 0.2689414, 0.0]]), atol=1e-6)
+    x = mx.array([-200.0, -20.0, 0.0, 20.0, 200.0])
+    assert mx.allclose(decode._silu(x, fn), x * mx.sigmoid(x), rtol=1e-6, atol=1e-12)
