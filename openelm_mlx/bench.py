@@ -279,9 +279,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def environment() -> dict[str, str]:
     """What every results row names: the machine, MLX's backend, the BLAS in use and the compiled decode step's exp."""
-    from .decode import _power_exp, fast_exp
+    from .decode import fast_exp
 
-    exp = "power" if fast_exp() is _power_exp else "exp"
+    exp = "exp" if fast_exp() is mx.exp else "power"
     return {"machine": machine(), "backend": str(mx.default_device()), "blas": blas.STATE.describe(), "decode_exp": exp}
 
 

@@ -30,6 +30,11 @@ class BlasState:
     path: str | None = None
     detail: str = ""
 
+    @property
+    def loaded(self) -> bool:
+        """A fast BLAS was found, checked and loaded by us (only on Linux)."""
+        return self.path is not None
+
     def describe(self) -> str:
         """One line for `info`, `bench` and `--verbose`."""
         if self.path:

@@ -74,15 +74,6 @@ def _softmax(scores: mx.array, exp: Exp) -> mx.array:
     return (e / e.sum(axis=-1, keepdims=True)).astype(scores.dtype)
 
 
-def _ffn(ffn: nn.Module, x: mx.array, exp: Exp) -> mx.array:
-    """`model.FeedForward` with its SiLU through `exp`."""
-    h = ffn.proj_1(x)
-    if ffn.glu:
-        gate, up = mx.split(h, 2, axis=-1)
-        return ffn.proj_2(_silu(gate, exp) * up)
-    return ffn.proj_2(_silu(h, exp))
-
-
 def _rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     """`mx.fast.rms_norm` as its CPU fallback computes it (statistics in float32), in three primitives."""
     xf = x.astype(mx.float32)
@@ -143,6 +134,9 @@ def _attention(
 def _step_fn(model: Model, exp: Exp) -> Any:
     """The function to compile: (tokens (B, 1), offset, keys, values) -> (logits (B, 1, V), keys, values)."""
 
+    def silu(x: mx.array) -> mx.array:
+        return _silu(x, exp)
+
     def step(tokens: mx.array, offset: mx.array, keys: list, values: list) -> tuple:
         config, t = model.config, model.transformer
         h = t.token_embeddings(tokens[:, 0])  # (B, D)
@@ -153,7 +147,7 @@ def _step_fn(model: Model, exp: Exp) -> Any:
             x = _rms_norm(h, layer.attn_norm.weight, layer.attn_norm.eps)
             out, k, v = _attention(layer.attn, x, offset, k, v, mask, rope, exp)
             h = h + out
-            h = h + _ffn(layer.ffn, _rms_norm(h, layer.ffn_norm.weight, layer.ffn_norm.eps), exp)
+            h = h + layer.ffn(_rms_norm(h, layer.ffn_norm.weight, layer.ffn_norm.eps), activation=silu)
             new_keys.append(k)
             new_values.append(v)
         return model.head(_rms_norm(h, t.norm.weight, t.norm.eps))[:, None], new_keys, new_values

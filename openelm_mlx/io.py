@@ -118,13 +118,14 @@ def load_model(path: str | Path, lazy: bool = False, dtype: str | None = None) -
     model.load_weights(list(weights.items()))
     weights.clear()  # the model holds the only references now (a cast then frees each saved tensor)
     model.eval()
-    if target is not None:
-        cast_floating(model, target)
-        if not lazy:  # one tensor at a time, so the saved copy and the cast one are never both whole in memory
-            for _, p in tree_flatten(model.parameters()):
-                mx.eval(p)
-    if not lazy:
-        mx.eval(model.parameters())
+    if target is None:
+        if not lazy:
+            mx.eval(model.parameters())
+        return model
+    cast_floating(model, target)
+    if not lazy:  # one tensor at a time, so the saved copy and the cast one are never both whole in memory
+        for _, p in tree_flatten(model.parameters()):
+            mx.eval(p)
     return model
 
 

@@ -83,9 +83,8 @@ def _hint_float32(model: Any) -> None:
     from ..quantize import quantization_settings
 
     dtype = compute_dtype(model)
-    fast_blas = blas.STATE.source in ("env", "mkl", "system")
     half = dtype in (mx.bfloat16, mx.float16) and quantization_settings(model) is None
-    if half and fast_blas and mx.default_device() == mx.cpu:
+    if half and blas.STATE.loaded and mx.default_device() == mx.cpu:
         typer.echo(
             f"note: {dtype_name(dtype)} runs several times slower than float32 on MLX's CPU backend; "
             "--dtype float32 casts the weights as they load (twice the memory).",
