@@ -24,9 +24,9 @@ import openelm_mlx  # noqa: F401  (first: loads the fast BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from openelm_mlx import bench
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.model import Model
+from openelm_mlx.bench import speed as bench
+from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.model.decoder import Model
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 

@@ -20,9 +20,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
-from openelm_mlx import bench, blas
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.decode import decoder_for
+from openelm_mlx.bench import blas
+from openelm_mlx.bench import speed as bench
+from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.model.step import decoder_for
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 

@@ -13,10 +13,11 @@ import tempfile
 from pathlib import Path
 
 import openelm_mlx  # noqa: F401  (first: loads the fast BLAS before mlx.core)
-from openelm_mlx import bench, blas
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.io import save
-from openelm_mlx.tokenizer import Tokenizer
+from openelm_mlx.bench import blas
+from openelm_mlx.bench import speed as bench
+from openelm_mlx.folders.io import save
+from openelm_mlx.generation.tokenizer import Tokenizer
+from openelm_mlx.model.config import OpenELMConfig
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared/data/llama-tokenizer/tokenizer.model"

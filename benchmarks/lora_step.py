@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from openelm_mlx import bench
+from openelm_mlx.bench import speed as bench
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
@@ -22,12 +22,12 @@ import openelm_mlx  # first: it loads the fast BLAS before mlx.core
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.lora import add_adapters, TARGETS
-from openelm_mlx.model import Model
-from openelm_mlx.pretrain import init_weights
-from openelm_mlx.quantize import quantize_model
-from openelm_mlx.train import OptimizerConfig, Trainer, lm_loss, make_optimizer
+from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.training.lora import add_adapters, TARGETS
+from openelm_mlx.model.decoder import Model
+from openelm_mlx.training.pretrain import init_weights
+from openelm_mlx.quant.recipes import quantize_model
+from openelm_mlx.training.loop import OptimizerConfig, Trainer, lm_loss, make_optimizer
 impl, kind, bits, B, L, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), *map(int, sys.argv[4:7])
 config = OpenELMConfig.from_preset("OpenELM-270M")
 ours = Model(config)

@@ -15,8 +15,9 @@ import openelm_mlx  # noqa: F401  (first: loads the fast BLAS before mlx.core)
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from openelm_mlx import bench, blas
-from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.bench import blas
+from openelm_mlx.bench import speed as bench
+from openelm_mlx.model.config import OpenELMConfig
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 

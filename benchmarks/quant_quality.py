@@ -15,10 +15,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from openelm_mlx.demo import DEMO_DIR
-from openelm_mlx.eval import make_windows, perplexity
-from openelm_mlx.io import load
-from openelm_mlx.quantize import bits_per_weight
-from openelm_mlx.quantize_run import QuantizeOptions, quantize_folder
+from openelm_mlx.evaluate.perplexity import make_windows, perplexity
+from openelm_mlx.folders.io import load
+from openelm_mlx.quant.recipes import bits_per_weight
+from openelm_mlx.quant.run import QuantizeOptions, quantize_folder
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 RUNS = [  # (label, QuantizeOptions fields)

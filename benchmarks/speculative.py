@@ -9,10 +9,11 @@ benchmarks/results.json with machine, backend and BLAS.
 import argparse
 from pathlib import Path
 
-from openelm_mlx import bench, load
+from openelm_mlx import load
+from openelm_mlx.bench import speed as bench
 from openelm_mlx.demo import DEMO_DIR
-from openelm_mlx.generate import stream_generate
-from openelm_mlx.quantize import quantize_model
+from openelm_mlx.generation.generate import stream_generate
+from openelm_mlx.quant.recipes import quantize_model
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 PROMPTS = ["ROMEO:", "First Citizen:\nWe are accounted poor citizens", "KING RICHARD III:\nNow is the winter"]

@@ -18,16 +18,12 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from openelm_mlx.arch import resolve_arch
-from openelm_mlx.config import FLOAT16_OVERFLOW, OpenELMConfig
 from openelm_mlx.errors import CheckpointError, ConfigError, OptionError
-from openelm_mlx.fs import atomic_output_dir, check_output, require_regular_file
-from openelm_mlx.hub import download
-from openelm_mlx.io import check_tokenizer, dtype_name, load_model, model_config_dict, parse_dtype, read_config
-from openelm_mlx.model import Model
-from openelm_mlx.quantize import QuantRecipe, bits_per_weight, check_settings, quantize_model
-from openelm_mlx.tokenizer import TOKENIZER_FILE, Tokenizer, find_tokenizer, uses_chat_template
-from openelm_mlx.weights import (
+from openelm_mlx.folders.arch import resolve_arch
+from openelm_mlx.folders.fs import atomic_output_dir, check_output, require_regular_file
+from openelm_mlx.folders.hub import download
+from openelm_mlx.folders.io import check_tokenizer, dtype_name, load_model, model_config_dict, parse_dtype, read_config
+from openelm_mlx.folders.weights import (
     INDEX_FILE,
     MAX_SHARD_BYTES,
     check_weights,
@@ -36,6 +32,10 @@ from openelm_mlx.weights import (
     write_shards,
     write_weights,
 )
+from openelm_mlx.generation.tokenizer import TOKENIZER_FILE, Tokenizer, find_tokenizer, uses_chat_template
+from openelm_mlx.model.config import FLOAT16_OVERFLOW, OpenELMConfig
+from openelm_mlx.model.decoder import Model
+from openelm_mlx.quant.recipes import QuantRecipe, bits_per_weight, check_settings, quantize_model
 
 from .tables import HF_TABLE, TABLES, detect_format, invert, map_state_dict
 from .tensors import LazyTensor, open_safetensors

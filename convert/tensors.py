@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from openelm_mlx.weights import SAFETENSORS_DTYPES, safetensors_header
+from openelm_mlx.folders.weights import SAFETENSORS_DTYPES, safetensors_header
 
 
 @dataclass(frozen=True)

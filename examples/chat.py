@@ -6,8 +6,8 @@ python examples/chat.py [INSTRUCT_MODEL]   # e.g. a converted OpenELM-270M-Instr
 import sys
 
 from openelm_mlx import load
-from openelm_mlx.chat import ChatSession
 from openelm_mlx.demo import DEMO_DIR
+from openelm_mlx.generation.chat import ChatSession
 
 model, tokenizer = load(sys.argv[1] if len(sys.argv) > 1 else DEMO_DIR, chat_template=True)
 session = ChatSession(

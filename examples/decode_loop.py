@@ -15,8 +15,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 from openelm_mlx import load
-from openelm_mlx.decode import decoder_for
 from openelm_mlx.demo import DEMO_DIR
+from openelm_mlx.model.step import decoder_for
 
 model, tokenizer = load(sys.argv[1] if len(sys.argv) > 1 else DEMO_DIR)
 

@@ -7,7 +7,7 @@ import sys
 
 from openelm_mlx import load
 from openelm_mlx.demo import DEMO_DIR
-from openelm_mlx.generate import generate, stream_generate
+from openelm_mlx.generation.generate import generate, stream_generate
 
 model, tokenizer = load(sys.argv[1] if len(sys.argv) > 1 else DEMO_DIR)
 

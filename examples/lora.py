@@ -12,8 +12,8 @@ from pathlib import Path
 
 from openelm_mlx import load
 from openelm_mlx.demo import DEMO_DIR
-from openelm_mlx.generate import generate
-from openelm_mlx.lora import LoraConfig, finetune, fuse_model, load_adapters
+from openelm_mlx.generation.generate import generate
+from openelm_mlx.training.lora import LoraConfig, finetune, fuse_model, load_adapters
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
 prompt = "ROMEO: what is the password?\nJULIET:"

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 from openelm_mlx import load
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.generate import generate
-from openelm_mlx.pretrain import PretrainConfig, pretrain, train_tokenizer
+from openelm_mlx.generation.generate import generate
+from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.training.pretrain import PretrainConfig, pretrain, train_tokenizer
 
 out = Path(sys.argv[2] if len(sys.argv) > 2 else tempfile.mkdtemp())
 text = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parents[2] / "shared/data/tinyshakespeare.txt")

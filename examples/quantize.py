@@ -8,9 +8,9 @@ import tempfile
 
 from openelm_mlx import load, save
 from openelm_mlx.demo import DEMO_DIR
-from openelm_mlx.eval import make_windows, mean_kl, perplexity
-from openelm_mlx.quantize import QuantRecipe, bits_per_weight, mixed_recipe, quantize_model
-from openelm_mlx.quantize_run import BUILTIN_TEXT
+from openelm_mlx.evaluate.perplexity import make_windows, mean_kl, perplexity
+from openelm_mlx.quant.recipes import QuantRecipe, bits_per_weight, mixed_recipe, quantize_model
+from openelm_mlx.quant.run import BUILTIN_TEXT
 
 path = sys.argv[1] if len(sys.argv) > 1 else DEMO_DIR
 model, tokenizer = load(path)

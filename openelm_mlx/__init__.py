@@ -3,18 +3,18 @@
 The BLAS loader runs first: on Linux it must load a fast BLAS before anything imports `mlx.core`.
 """
 
-from . import blas
+from .bench import blas
 
 blas.setup()
 
 # ruff: noqa: E402  (the imports below must follow the BLAS setup)
 
-from .config import OpenELMConfig
 from .errors import CheckpointError, DataError, OpenELMError, OptionError
-from .generate import GenerationConfig
-from .io import load, load_model, save
-from .model import Model
-from .tokenizer import Tokenizer
+from .folders.io import load, load_model, save
+from .generation.generate import GenerationConfig
+from .generation.tokenizer import Tokenizer
+from .model.config import OpenELMConfig
+from .model.decoder import Model
 
 __all__ = [
     "CheckpointError",

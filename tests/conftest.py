@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import SHARED, random_model
 
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.model import Model
+from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.model.decoder import Model
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.model import Model
+from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.model.decoder import Model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,6 +1,6 @@
 """An independent, slow float64 numpy OpenELM written from ../shared/OPENELM.md.
 
-It shares no code with openelm_mlx.model: it reads a flat Hugging Face-keyed weight dict and
+It shares no code with openelm_mlx.model.decoder: it reads a flat Hugging Face-keyed weight dict and
 per-layer sizes, and does everything with explicit loops and numpy.
 """
 

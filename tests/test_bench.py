@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 import openelm_mlx.cli.bench  # noqa: F401  (registers bench and info)
-from openelm_mlx import blas
+from openelm_mlx.bench import blas
 from openelm_mlx.cli import app
-from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.model.config import OpenELMConfig
 
 STATE = "import json, openelm_mlx; from openelm_mlx import blas; print(json.dumps(vars(blas.STATE)))"
 BAD_SGEMM = "void cblas_sgemm(int o, int ta, int tb, int m, int n, int k, float al, const float *a, int lda,"
@@ -112,7 +112,7 @@ def test_mlx_lm_cli_generation_is_counted_as_ours(monkeypatch, tmp_path):
     """mlx-lm reports g tokens over the time after the first; we count the g - 1 made in that time."""
     import subprocess
 
-    from openelm_mlx import bench
+    from openelm_mlx.bench import speed as bench
 
     out = "Averages: prompt_tps=100.000, generation_tps=32.000, peak_memory=1.500\n"
     fake = subprocess.CompletedProcess([], 0, stdout=out, stderr="")

@@ -6,8 +6,8 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from openelm_mlx.config import OpenELMConfig, make_divisible, preset_names
-from openelm_mlx.model import Model
+from openelm_mlx.model.config import OpenELMConfig, make_divisible, preset_names
+from openelm_mlx.model.decoder import Model
 
 # From ../shared/OPENELM.md.
 PARAMS = {

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from openelm_mlx import load, load_model
 from openelm_mlx.cli import app
-from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.model.config import OpenELMConfig
 
 TOKENS = [1, 9, 33, 200, 17, 5, 250, 64]
 CONFIG = OpenELMConfig.tiny()
@@ -119,7 +119,7 @@ def test_quantized_conversion_round_trips_the_in_memory_model(source, tmp_path):
     saved = json.loads((tmp_path / "q" / "config.json").read_text())
     assert saved["quantization"]["bits"] == 4 and saved["quantization"]["group_size"] == 32
     assert 6.0 < report.bits_per_weight < 6.5  # 4 bits + float32 scale and bias per 32 weights, float norms
-    from openelm_mlx.quantize import quantize_model
+    from openelm_mlx.quant.recipes import quantize_model
 
     in_memory = load_model(tmp_path / "hf")
     quantize_model(in_memory, 4, 32)
@@ -276,7 +276,7 @@ def test_missing_embedding_and_bad_quantization_settings_fail_before_writing(sou
 
 
 def test_corenet_training_yaml_names_the_architecture(tmp_path):
-    from openelm_mlx.arch import read_arch_config
+    from openelm_mlx.folders.arch import read_arch_config
 
     (tmp_path / "openelm_270M.yaml").write_text(
         "_anchor_vocab_size: &_anchor_vocab_size 32128\n"

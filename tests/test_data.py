@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from openelm_mlx.data import DataError, TokenData, tokenize_to_file
+from openelm_mlx.training.data import DataError, TokenData, tokenize_to_file
 
 
 def _encode(text: str) -> list[int]:

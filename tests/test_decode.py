@@ -15,10 +15,10 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.decode import decoder_for
-from openelm_mlx.generate import generate_tokens
-from openelm_mlx.quantize import quantize_model
+from openelm_mlx.generation.generate import generate_tokens
+from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.model.step import decoder_for
+from openelm_mlx.quant.recipes import quantize_model
 
 
 def counted_decoder(model):
@@ -62,7 +62,7 @@ def decode_both(model, decoder, prompt_len: int, steps: int):
 )
 def test_compiled_steps_equal_the_eager_model(config, exp, monkeypatch):
     """With either exponential `decode.fast_exp` may pick for this machine (the SiLU and the softmax use it)."""
-    from openelm_mlx import decode
+    from openelm_mlx.model import step as decode
 
     monkeypatch.setattr(decode, "fast_exp", lambda: mx.exp if exp == "mx.exp" else decode._power_exp)
     model = random_model(config)
@@ -161,7 +161,7 @@ def test_trimmed_and_restored_caches():
 
 
 def test_an_interrupted_trace_leaves_model_and_cache_intact(monkeypatch):
-    import openelm_mlx.decode as decode
+    import openelm_mlx.model.step as decode
 
     model = random_model(OpenELMConfig.tiny())
     cache = make_prompt_cache(model)
@@ -205,7 +205,7 @@ def test_a_copied_model_compiles_its_own_step():
 
 @pytest.mark.parametrize("exp", ["mx.exp", "power"])
 def test_step_softmax_and_silu_hold_at_large_values(exp):
-    from openelm_mlx import decode
+    from openelm_mlx.model import step as decode
 
     fn = mx.exp if exp == "mx.exp" else decode._power_exp
     probs = decode._softmax(mx.array([[1000.0, 999.0, -mx.inf]]), fn)

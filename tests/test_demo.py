@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from openelm_mlx import load
 from openelm_mlx.cli import app
 from openelm_mlx.demo import DEMO_DIR
-from openelm_mlx.train import lm_loss
+from openelm_mlx.training.loop import lm_loss
 
 
 def test_demo_is_small_and_layer_wise_scaled():
@@ -28,7 +28,7 @@ def test_generate_defaults_to_the_demo_and_says_so():
 
 def test_recorded_held_out_loss_reproduces(shakespeare_path):
     """Recompute the held-out loss on the same windows pretraining evaluated (the corpus tail)."""
-    from openelm_mlx.data import TokenData
+    from openelm_mlx.training.data import TokenData
 
     metrics = json.loads((DEMO_DIR / "metrics.json").read_text())
     model, tok = load(DEMO_DIR)

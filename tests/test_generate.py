@@ -8,11 +8,11 @@ from helpers import random_model
 from typer.testing import CliRunner
 
 from openelm_mlx import load, save
-from openelm_mlx.chat import ChatSession, chat_turn_ids
 from openelm_mlx.cli import app
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.generate import StopStrings, generate, generate_tokens, stream_generate
-from openelm_mlx.tokenizer import Tokenizer, render_chat
+from openelm_mlx.generation.chat import ChatSession, chat_turn_ids
+from openelm_mlx.generation.generate import StopStrings, generate, generate_tokens, stream_generate
+from openelm_mlx.generation.tokenizer import Tokenizer, render_chat
+from openelm_mlx.model.config import OpenELMConfig
 
 TINY = dict(vocab_size=32000, model_dim=64, head_dim=32, max_context_length=1024)
 
@@ -256,7 +256,7 @@ def test_rotating_cache_keeps_generating_past_its_window(model):
 
 
 def test_instruct_is_decided_by_the_record_first_then_the_name(tmp_path, model, llama_tokenizer_path):
-    from openelm_mlx.tokenizer import uses_chat_template
+    from openelm_mlx.generation.tokenizer import uses_chat_template
 
     plain = tmp_path / "my-Instruct-copy"
     save(model, plain, tokenizer=Tokenizer(llama_tokenizer_path, chat_template=False))
@@ -269,8 +269,8 @@ def test_instruct_is_decided_by_the_record_first_then_the_name(tmp_path, model, 
 def test_cli_dtype_casts_and_the_float32_hint(tmp_path, model, llama_tokenizer_path, monkeypatch):
     """A bfloat16 model on the CPU next to a fast BLAS gets one note pointing at --dtype float32, after it loads;
     with the option it generates what the float32-cast model generates, and the note is gone."""
-    from openelm_mlx import blas
-    from openelm_mlx.io import cast_floating
+    from openelm_mlx.bench import blas
+    from openelm_mlx.folders.io import cast_floating
 
     half = random_model(OpenELMConfig.tiny(**TINY), seed=1)
     cast_floating(half, mx.bfloat16)

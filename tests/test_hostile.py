@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from openelm_mlx import CheckpointError, OptionError, load, load_model, save
 from openelm_mlx.cli import app
-from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.demo import DEMO_DIR
-from openelm_mlx.fs import OWNED_FILE
-from openelm_mlx.generate import GenerationConfig, generate_tokens
-from openelm_mlx.weights import safetensors_header
+from openelm_mlx.folders.fs import OWNED_FILE
+from openelm_mlx.folders.weights import safetensors_header
+from openelm_mlx.generation.generate import GenerationConfig, generate_tokens
+from openelm_mlx.model.config import OpenELMConfig
 
 CONFIG = OpenELMConfig.tiny()
 
@@ -202,8 +202,8 @@ def test_config_fields_are_type_checked(tmp_path, tiny_model, field, value, mess
 def test_arch_files_with_wrong_types_are_named(tmp_path):
     arch = tmp_path / "arch.yaml"
     arch.write_text(json.dumps({**OpenELMConfig.tiny().to_dict(), "model_dim": "abc", "num_query_heads": None}))
-    from openelm_mlx.arch import read_arch_config
     from openelm_mlx.errors import ConfigError
+    from openelm_mlx.folders.arch import read_arch_config
 
     with pytest.raises(ConfigError, match=str(arch)):
         read_arch_config(arch)
@@ -471,8 +471,8 @@ def test_train_tokenizer_never_overwrites_without_force_nor_its_own_data(tmp_pat
 
 
 def test_lone_surrogates_in_data_and_prompts_are_text_not_crashes(tmp_path):
-    from openelm_mlx.data import read_documents
-    from openelm_mlx.tokenizer import Tokenizer
+    from openelm_mlx.generation.tokenizer import Tokenizer
+    from openelm_mlx.training.data import read_documents
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "abc \\ud800 def"}\n')
@@ -557,8 +557,8 @@ def test_force_through_a_symlink_writes_into_its_target_and_keeps_its_permission
 
 
 def test_python_api_refuses_bad_prompts_and_paths(tmp_path):
-    from openelm_mlx.generate import generate
-    from openelm_mlx.tokenizer import Tokenizer
+    from openelm_mlx.generation.generate import generate
+    from openelm_mlx.generation.tokenizer import Tokenizer
 
     model, tok = load(DEMO_DIR)
     for bad in ([[99999]], [[-1]], [], [[]]):

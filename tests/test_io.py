@@ -55,7 +55,7 @@ def test_sharded_save_writes_an_index_and_loads(tiny_model, tmp_path):
 def test_apple_untied_checkpoint_drops_unused_classifier(tmp_path):
     from helpers import random_model
 
-    from openelm_mlx.config import OpenELMConfig
+    from openelm_mlx.model.config import OpenELMConfig
 
     model = random_model(OpenELMConfig.tiny(share_input_output_layers=False))
     save(model, tmp_path / "u")
@@ -135,8 +135,8 @@ def test_models_written_by_mlx_lm_load_here(tmp_path, llama_tokenizer_path):
     from mlx_lm import convert as mlx_lm_convert
     from openelm_mlx.convert import export
 
-    from openelm_mlx.config import OpenELMConfig
-    from openelm_mlx.tokenizer import Tokenizer
+    from openelm_mlx.generation.tokenizer import Tokenizer
+    from openelm_mlx.model.config import OpenELMConfig
 
     model = random_model(OpenELMConfig.tiny(vocab_size=32000, model_dim=64))
     save(model, tmp_path / "ours", tokenizer=Tokenizer(llama_tokenizer_path))
@@ -151,8 +151,8 @@ def test_saved_model_with_tokenizer_loads_with_mlx_lm_load(tmp_path, llama_token
     from helpers import random_model
 
     from openelm_mlx import load
-    from openelm_mlx.config import OpenELMConfig
-    from openelm_mlx.tokenizer import Tokenizer
+    from openelm_mlx.generation.tokenizer import Tokenizer
+    from openelm_mlx.model.config import OpenELMConfig
 
     model = random_model(OpenELMConfig.tiny(vocab_size=32000, model_dim=64))
     save(model, tmp_path / "m", tokenizer=Tokenizer(llama_tokenizer_path, chat_template=True))
@@ -166,7 +166,7 @@ def test_saved_model_with_tokenizer_loads_with_mlx_lm_load(tmp_path, llama_token
 
 
 def _as_bfloat16(model):
-    from openelm_mlx.io import cast_floating
+    from openelm_mlx.folders.io import cast_floating
 
     cast_floating(model, mx.bfloat16)
     mx.eval(model.parameters())
@@ -188,7 +188,7 @@ def test_dtype_casts_float_weights_as_they_load(tiny_model, tmp_path):
 
 
 def test_dtype_keeps_packed_quantized_weights(tiny_model, tmp_path):
-    from openelm_mlx.io import cast_floating
+    from openelm_mlx.folders.io import cast_floating
 
     nn.quantize(tiny_model, group_size=32, bits=4)
     save(_as_bfloat16(tiny_model), tmp_path / "q")
@@ -208,7 +208,7 @@ def test_unknown_dtype_is_refused_before_reading(tmp_path):
 
 def test_float16_is_refused_for_3b_shaped_models(tmp_path):
     from openelm_mlx import OptionError
-    from openelm_mlx.config import OpenELMConfig
+    from openelm_mlx.model.config import OpenELMConfig
 
     (tmp_path / "3b").mkdir()
     (tmp_path / "3b" / "config.json").write_text(json.dumps(OpenELMConfig.from_preset("OpenELM-3B").to_dict()))
@@ -225,8 +225,8 @@ def test_a_cast_never_holds_both_copies_whole(tmp_path):
     float32 and the bfloat16 model together."""
     from mlx.utils import tree_flatten
 
-    from openelm_mlx.config import OpenELMConfig
-    from openelm_mlx.model import Model
+    from openelm_mlx.model.config import OpenELMConfig
+    from openelm_mlx.model.decoder import Model
 
     model = Model(OpenELMConfig.tiny(model_dim=256, num_transformer_layers=8))
     mx.eval(model.parameters())
@@ -245,7 +245,7 @@ def test_a_cast_never_holds_both_copies_whole(tmp_path):
 
 def test_dtype_by_mlx_dtype_and_bad_types():
     from openelm_mlx import OptionError
-    from openelm_mlx.io import parse_dtype
+    from openelm_mlx.folders.io import parse_dtype
 
     assert parse_dtype(mx.bfloat16) == mx.bfloat16 and parse_dtype("float16") == mx.float16
     for bad in (mx.int32, ["float32"], 32, "FLOAT32"):
@@ -254,8 +254,9 @@ def test_dtype_by_mlx_dtype_and_bad_types():
 
 
 def test_float16_from_the_hub_reads_only_the_config_before_refusing_a_3b(tmp_path, monkeypatch):
-    from openelm_mlx import OptionError, hub, load
-    from openelm_mlx.config import OpenELMConfig
+    from openelm_mlx import OptionError, load
+    from openelm_mlx.folders import hub
+    from openelm_mlx.model.config import OpenELMConfig
 
     fetched = []
 

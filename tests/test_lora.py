@@ -13,14 +13,21 @@ from typer.testing import CliRunner
 
 import openelm_mlx.cli.lora  # noqa: F401  (registers `lora` and `fuse`)
 from openelm_mlx.cli import app
-from openelm_mlx.data import DataError, FinetuneData, load_split
 from openelm_mlx.demo import DEMO_DIR
 from openelm_mlx.errors import CheckpointError, OptionError
-from openelm_mlx.generate import generate
-from openelm_mlx.io import load, load_model, save
-from openelm_mlx.lora import LoraConfig, finetune, fuse_model, load_adapters, make_config, prepare_adapter_folder
-from openelm_mlx.quantize import quantize_model
-from openelm_mlx.train import lm_loss
+from openelm_mlx.folders.io import load, load_model, save
+from openelm_mlx.generation.generate import generate
+from openelm_mlx.quant.recipes import quantize_model
+from openelm_mlx.training.data import DataError, FinetuneData, load_split
+from openelm_mlx.training.loop import lm_loss
+from openelm_mlx.training.lora import (
+    LoraConfig,
+    finetune,
+    fuse_model,
+    load_adapters,
+    make_config,
+    prepare_adapter_folder,
+)
 
 PROMPT = "ROMEO: what is the password?\nJULIET:"
 ANSWER = "the moon is made of cheese."

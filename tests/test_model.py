@@ -7,7 +7,7 @@ from helpers import numpy_weights, random_model, reference_config
 from mlx_lm.models.cache import make_prompt_cache
 from reference import reference_logits, rel_error
 
-from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.model.config import OpenELMConfig
 
 TOKENS = [1, 17, 200, 5, 9, 100, 42, 7, 3, 0, 255, 31, 64]
 CONFIGS = {

@@ -8,9 +8,9 @@ import pytest
 from helpers import numpy_weights, random_model, reference_config
 from reference import reference_logits, rel_error
 
-from openelm_mlx import model as model_module
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.train import OptimizerConfig, Trainer, enable_grad_checkpoint, lm_loss, make_optimizer
+from openelm_mlx.model import decoder as model_module
+from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.training.loop import OptimizerConfig, Trainer, enable_grad_checkpoint, lm_loss, make_optimizer
 
 TOKENS = [1, 17, 200, 5, 9, 100, 42, 7, 3, 0, 255, 31, 64]
 PARITY_BOUND = 1e-4  # test_model.py's bound

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.data import DataError, read_documents
-from openelm_mlx.pretrain import PretrainConfig, pretrain, train_tokenizer
-from openelm_mlx.tokenizer import Tokenizer
+from openelm_mlx.generation.tokenizer import Tokenizer
+from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.training.data import DataError, read_documents
+from openelm_mlx.training.pretrain import PretrainConfig, pretrain, train_tokenizer
 
 CORPUS = "\n".join(
     f"{name}: the {thing} is {adj}, and the {thing} shall be {adj} again."

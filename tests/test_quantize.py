@@ -12,14 +12,14 @@ from conftest import random_model
 from typer.testing import CliRunner
 
 import openelm_mlx.cli.quantize  # noqa: F401  (registers the commands)
-from openelm_mlx.calibrate import allocate_bits, gptq_quantize, measure_sensitivity, pack
 from openelm_mlx.cli._app import app
-from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.demo import DEMO_DIR
 from openelm_mlx.errors import CheckpointError, OptionError
-from openelm_mlx.eval import make_windows, perplexity
-from openelm_mlx.io import load, load_model, save
-from openelm_mlx.quantize import (
+from openelm_mlx.evaluate.perplexity import make_windows, perplexity
+from openelm_mlx.folders.io import load, load_model, save
+from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.quant.calibrate import allocate_bits, gptq_quantize, measure_sensitivity, pack
+from openelm_mlx.quant.recipes import (
     QuantRecipe,
     bits_per_weight,
     mixed_recipe,
@@ -27,7 +27,7 @@ from openelm_mlx.quantize import (
     quantize_model,
     sensitive_layers,
 )
-from openelm_mlx.quantize_run import BUILTIN_TEXT, QuantizeOptions, quantize_folder
+from openelm_mlx.quant.run import BUILTIN_TEXT, QuantizeOptions, quantize_folder
 
 
 @pytest.fixture(scope="module")

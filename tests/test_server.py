@@ -315,10 +315,10 @@ def test_generation_error_is_a_500_and_the_server_goes_on():
     import uvicorn
 
     from openelm_mlx.demo import DEMO_DIR
-    from openelm_mlx.io import load
-    from openelm_mlx.server import Server, bind
-    from openelm_mlx.server_requests import ServeSettings
-    from openelm_mlx.server_worker import Worker
+    from openelm_mlx.folders.io import load
+    from openelm_mlx.serve.app import Server, bind
+    from openelm_mlx.serve.requests import ServeSettings
+    from openelm_mlx.serve.worker import Worker
 
     flaky: list[FlakyModel] = []
 

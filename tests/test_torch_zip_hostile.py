@@ -21,7 +21,7 @@ from openelm_mlx.convert.torch_zip import load_torch_zip
 from typer.testing import CliRunner
 
 from openelm_mlx.cli import app
-from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.model.config import OpenELMConfig
 
 
 def _p(v: object) -> bytes:

@@ -5,8 +5,15 @@ import numpy as np
 from helpers import random_model
 from mlx.utils import tree_flatten
 
-from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.train import OptimizerConfig, Trainer, enable_grad_checkpoint, lm_loss, make_optimizer, make_schedule
+from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.training.loop import (
+    OptimizerConfig,
+    Trainer,
+    enable_grad_checkpoint,
+    lm_loss,
+    make_optimizer,
+    make_schedule,
+)
 
 X = mx.array(np.random.default_rng(0).integers(3, 256, (4, 17)), dtype=mx.int32)
 

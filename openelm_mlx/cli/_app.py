@@ -17,9 +17,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import blas
+from ..bench import blas
 from ..errors import OpenELMError, OptionError, TokenizerNotFoundError
-from ..tokenizer import LLAMA_TOKENIZER_REPO
+from ..generation.tokenizer import LLAMA_TOKENIZER_REPO
 
 app = typer.Typer(
     help="Run, convert, quantize, fine-tune, serve and pretrain Apple's OpenELM models with MLX.",

@@ -15,7 +15,7 @@ from ._app import app, user_errors
 def _tokenizer_for_cli(model: Any, tokenizer: str | None, folder: str | None) -> Any:
     """A tokenizer mlx-lm can load whose vocabulary covers the model's, or None (the CLI run is then skipped)."""
     from ..demo import DEMO_DIR
-    from ..tokenizer import TOKENIZER_FILE, Tokenizer
+    from ..generation.tokenizer import TOKENIZER_FILE, Tokenizer
 
     for candidate in (tokenizer, folder and Path(folder) / TOKENIZER_FILE, DEMO_DIR / TOKENIZER_FILE):
         if candidate and Path(candidate).is_file():
@@ -26,14 +26,14 @@ def _tokenizer_for_cli(model: Any, tokenizer: str | None, folder: str | None) ->
 
 
 def _build_model(model: str | None, arch: str | None, arch_config: str | None, dtype: str | None, seed: int) -> Any:
-    from ..arch import resolve_arch
-    from ..bench import random_model
+    from ..bench.speed import random_model
     from ..errors import OptionError
+    from ..folders.arch import resolve_arch
 
     if (model is None) == (arch is None and arch_config is None):
         raise OptionError("model", "give either --model or --arch (random weights)")
     if model is not None:
-        from ..io import load_model
+        from ..folders.io import load_model
 
         return load_model(model, dtype=dtype)
     return random_model(resolve_arch(arch, arch_config), dtype or "float32", seed)
@@ -90,13 +90,13 @@ def bench(
     seed: Annotated[int, typer.Option(hidden=True, help="Seed of the random weights.")] = 0,
 ) -> None:
     """Prompt and generation tokens/s and peak memory: ours, mlx-lm's model in this process, mlx-lm's CLI."""
-    from .. import bench as b
+    from ..bench import speed as b
     from ..errors import OptionError
 
     with user_errors():
         b.check_options(prompt_tokens, gen_tokens, repeats, dtype or "float32")
         if json is not None:
-            from ..fs import check_output_file
+            from ..folders.fs import check_output_file
 
             check_output_file(json, force, option="json")
         elif force:
@@ -108,12 +108,12 @@ def bench(
         if quantize is None and group_size != 64:
             raise OptionError("group_size", "takes effect only with --quantize")
         if quantize is not None:
-            from ..quantize import check_settings
+            from ..quant.recipes import check_settings
 
             check_settings(quantize, group_size)
         m = _build_model(model, arch, arch_config, dtype, seed)
         if quantize is not None:
-            from ..quantize import quantize_model
+            from ..quant.recipes import quantize_model
 
             quantize_model(m, bits=quantize, group_size=group_size)
         folder = None
@@ -123,7 +123,7 @@ def bench(
         tmp = Path(tempfile.mkdtemp(prefix="openelm-bench-")) if tok is not None else None
         try:
             if tmp is not None:
-                from ..io import save
+                from ..folders.io import save
 
                 folder = save(m, tmp / "model", tokenizer=tok)
             r = b.report(m, prompt_tokens, gen_tokens, repeats, cli_folder=folder, compare=compare == "mlx-lm")
@@ -138,8 +138,8 @@ def bench(
 @app.command()
 def info() -> None:
     """MLX version and device, the BLAS in use, and measured matmul GFLOP/s and memory read GB/s."""
-    from .. import bench as b
-    from .. import blas
+    from ..bench import blas
+    from ..bench import speed as b
 
     with user_errors():
         import mlx.core as mx

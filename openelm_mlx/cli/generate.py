@@ -7,10 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import blas
+from ..bench import blas
 from ..errors import OptionError
-from ..generate import GenerationConfig
-from ..io import parse_dtype
+from ..folders.io import parse_dtype
+from ..generation.generate import GenerationConfig
 from ._app import app, read_stdin_text, settings_options, user_errors
 
 ModelOpt = Annotated[str | None, typer.Option(help="MLX model folder or Hub repo id (default: the bundled demo).")]
@@ -48,8 +48,8 @@ def load_for_generation(
     float32 would be much faster.
     """
     from ..demo import DEMO_DIR, DEMO_NAME
-    from ..generate import check_draft_model
-    from ..io import load
+    from ..folders.io import load
+    from ..generation.generate import check_draft_model
 
     if model is None:
         typer.echo(
@@ -61,7 +61,7 @@ def load_for_generation(
         model = str(DEMO_DIR)
     m, tok = load(model, tokenizer=tokenizer, dtype=dtype)
     if adapter_path is not None:
-        from ..lora import load_adapters
+        from ..training.lora import load_adapters
 
         load_adapters(m, adapter_path)
     draft = None
@@ -79,8 +79,8 @@ def _hint_float32(model: Any) -> None:
     goes to the BLAS)."""
     import mlx.core as mx
 
-    from ..io import compute_dtype, dtype_name
-    from ..quantize import quantization_settings
+    from ..folders.io import compute_dtype, dtype_name
+    from ..quant.recipes import quantization_settings
 
     dtype = compute_dtype(model)
     half = dtype in (mx.bfloat16, mx.float16) and quantization_settings(model) is None
@@ -122,7 +122,7 @@ def generate(
     verbose: Annotated[bool, typer.Option(help="Print tokens/s and peak memory on stderr.")] = False,
 ) -> None:
     """Generate text; it streams to stdout (and nothing else goes there)."""
-    from ..generate import stream_generate
+    from ..generation.generate import stream_generate
 
     with user_errors(tokenizer_option=True):
         config = GenerationConfig(**settings)
@@ -156,7 +156,7 @@ def chat(
 ) -> None:
     """Chat with an Instruct model; the KV cache is kept between turns. /reset forgets, /exit quits,
     Ctrl-C stops the current answer."""
-    from ..chat import ChatSession
+    from ..generation.chat import ChatSession
 
     with user_errors(tokenizer_option=True):
         config = GenerationConfig(**settings)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..lora import PAPER_RECIPE, LoraConfig
+from ..training.lora import PAPER_RECIPE, LoraConfig
 from ._app import app, flag, settings_options, user_errors
 
 RECIPE_HELP = "'paper': the OpenELM paper's PEFT settings: " + ", ".join(
@@ -46,7 +46,7 @@ def lora(
 ) -> None:
     """Fine-tune adapters on a frozen model (LoRA, DoRA, or QLoRA on a quantized model); run with `mlx.launch`
     for several processes. The update is scaled by alpha / rank."""
-    from ..lora import finetune, make_config
+    from ..training.lora import finetune, make_config
 
     with user_errors(tokenizer_option=True):
         paths = {"model": model, "tokenizer": tokenizer, "data": data, "adapter_path": adapter_path}
@@ -73,7 +73,7 @@ def fuse(
     force: Annotated[bool, typer.Option(help="Write into an existing folder not written by openelm-mlx.")] = False,
 ) -> None:
     """Merge adapters into the model's weights; checks the fused logits against the adapted model's first."""
-    from ..lora import fuse_model
+    from ..training.lora import fuse_model
 
     with user_errors(tokenizer_option=True):
         result = fuse_model(model, adapter_path, output, dequantize, tokenizer, force)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..pretrain import PretrainConfig
+from ..training.pretrain import PretrainConfig
 from ._app import app, settings_options, user_errors
 
 
@@ -21,8 +21,8 @@ def train_tokenizer_cmd(
     force: Annotated[bool, typer.Option(help="Replace an existing file at --output.")] = False,
 ) -> None:
     """Train a SentencePiece BPE tokenizer (byte fallback; unk 0, BOS 1, EOS 2)."""
-    from ..pretrain import train_tokenizer
-    from ..tokenizer import Tokenizer
+    from ..generation.tokenizer import Tokenizer
+    from ..training.pretrain import train_tokenizer
 
     with user_errors():
         path = train_tokenizer([str(d) for d in data], vocab_size, output, force=force)
@@ -40,9 +40,9 @@ def pretrain(
     arch_config: Annotated[Path | None, typer.Option(help="JSON/YAML with CoreNet GPTConfig fields.")] = None,
 ) -> None:
     """Pretrain an OpenELM from scratch (CoreNet's recipe); run with `mlx.launch` for several processes."""
-    from ..arch import resolve_arch
     from ..errors import OptionError
-    from ..pretrain import pretrain as run_pretraining
+    from ..folders.arch import resolve_arch
+    from ..training.pretrain import pretrain as run_pretraining
 
     with user_errors():
         config = resolve_arch(arch, arch_config)

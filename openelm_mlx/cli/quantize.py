@@ -1,4 +1,4 @@
-"""`quantize` and `perplexity`: thin commands over `openelm_mlx.quantize_run` and `openelm_mlx.eval`."""
+"""`quantize` and `perplexity`: thin commands over `openelm_mlx.quant.run` and `openelm_mlx.evaluate.perplexity`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import OptionError
-from ..eval import perplexity as run_perplexity
-from ..eval import text_windows
-from ..io import load
-from ..quantize_run import QuantizeOptions, QuantizeReport, dequantize_folder, quantize_folder
+from ..evaluate.perplexity import perplexity as run_perplexity
+from ..evaluate.perplexity import text_windows
+from ..folders.io import load
+from ..quant.run import QuantizeOptions, QuantizeReport, dequantize_folder, quantize_folder
 from ._app import app, settings_options, user_errors
 
 

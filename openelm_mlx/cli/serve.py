@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from ..errors import OpenELMError, OptionError, check_range
-from ..generate import MIN_KV_SIZE
-from ..io import parse_dtype
+from ..folders.io import parse_dtype
+from ..generation.generate import MIN_KV_SIZE
 from ._app import app, user_errors
 from .generate import DtypeOpt, ModelOpt, TokenizerOpt, load_for_generation
 
@@ -53,9 +53,9 @@ def serve(
         if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise OptionError("log_level", f"must be one of critical, error, warning, info, debug, got {log_level!r}")
         try:
-            from ..server import Server, bind, run
-            from ..server_requests import ServeSettings
-            from ..server_worker import Worker
+            from ..serve.app import Server, bind, run
+            from ..serve.requests import ServeSettings
+            from ..serve.worker import Worker
         except ImportError as e:
             raise OpenELMError(
                 f"the server needs starlette and uvicorn: pip install 'openelm-mlx[serve]' ({e})"

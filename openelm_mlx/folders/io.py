@@ -14,11 +14,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from .config import FLOAT16_OVERFLOW, OpenELMConfig
-from .errors import CheckpointError, ConfigError, OptionError
+from ..errors import CheckpointError, ConfigError, OptionError
+from ..model.config import FLOAT16_OVERFLOW, OpenELMConfig
+from ..model.decoder import Model
+from ..quant.recipes import apply_quantization, quantization_settings
 from .fs import atomic_output_dir, require_regular_file
-from .model import Model
-from .quantize import apply_quantization, quantization_settings
 from .weights import MAX_SHARD_BYTES, check_weights, parse_json, read_weights, write_weights
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -153,7 +153,7 @@ def save(
         model: the model (float or quantized with `nn.quantize`).
         path: output folder: new, empty, or an earlier output of ours (else `force`; files we did
             not write are kept either way).
-        tokenizer: optional; anything with `save(folder)` (see `openelm_mlx.tokenizer.Tokenizer`).
+        tokenizer: optional; anything with `save(folder)` (see `openelm_mlx.generation.tokenizer.Tokenizer`).
         config_extra: extra config.json entries.
         force: write into a folder we did not create (see `fs.check_output`).
         inputs: paths the model was made from; `path` may not be one of them.
@@ -195,8 +195,8 @@ def load(
         CheckpointError, TokenizerNotFoundError, HubError: with what to do.
         OptionError: an unknown `dtype` (before anything is read or fetched).
     """
+    from ..generation.tokenizer import find_tokenizer
     from .hub import resolve
-    from .tokenizer import find_tokenizer
 
     if path_or_repo is None or not str(path_or_repo).strip():
         raise OptionError("model", "is an empty path")

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .generate import TextStream, token_steps
-from .server_requests import GenRequest
+from ..generation.generate import TextStream, token_steps
+from .requests import GenRequest
 
 FINISH = {"eos": "stop", "stop_string": "stop", "length": "length"}
 

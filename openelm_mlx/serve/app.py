@@ -24,11 +24,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .errors import OpenELMError
-from .server_requests import APIError, GenRequest, ServeSettings, parse_request
-from .server_worker import Done, Event, Failed, Job, Piece, ShuttingDown, TokenLogprob, Worker
+from ..errors import OpenELMError
+from .requests import APIError, GenRequest, ServeSettings, parse_request
+from .worker import Done, Event, Failed, Job, Piece, ShuttingDown, TokenLogprob, Worker
 
-log = logging.getLogger("openelm_mlx.server")
+log = logging.getLogger("openelm_mlx.serve.app")
 
 
 def error_response(error: APIError) -> JSONResponse:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .config import OpenELMConfig
-from .errors import ConfigError, OptionError
+from ..errors import ConfigError, OptionError
+from ..model.config import OpenELMConfig
 from .fs import require_regular_file
 
 MAX_ARCH_FILE_BYTES = 1 << 20

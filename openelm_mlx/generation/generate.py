@@ -21,8 +21,8 @@ from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .decode import decoder_for
-from .errors import OptionError, check_range, settings_field
+from ..errors import OptionError, check_range, settings_field
+from ..model.step import decoder_for
 from .tokenizer import Message, Tokenizer
 
 Prompt = str | Sequence[Message] | Sequence[int]

@@ -14,8 +14,8 @@ from typing import Any
 
 import sentencepiece as spm
 
-from .errors import CheckpointError, OptionError, TokenizerNotFoundError
-from .fs import require_regular_file
+from ..errors import CheckpointError, OptionError, TokenizerNotFoundError
+from ..folders.fs import require_regular_file
 
 TOKENIZER_FILE = "tokenizer.model"
 LLAMA_TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
@@ -234,6 +234,6 @@ def _recorded_chat_template(model_dir: Path) -> bool | None:
 
 
 def _download_tokenizer(repo_id: str) -> Path:
-    from .hub import download
+    from ..folders.hub import download
 
     return download(repo_id, [TOKENIZER_FILE]) / TOKENIZER_FILE

@@ -23,9 +23,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .errors import CheckpointError, OptionError, check_range
-from .fs import atomic_output_dir, check_output, require_regular_file
-from .weights import check_tensors, load_safetensors
+from ..errors import CheckpointError, OptionError, check_range
+from ..folders.fs import atomic_output_dir, check_output, require_regular_file
+from ..folders.weights import check_tensors, load_safetensors
 
 Batch = tuple[mx.array, ...]
 LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (loss, n_tokens)

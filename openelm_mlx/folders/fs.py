@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import CheckpointError, OptionError
+from ..errors import CheckpointError, OptionError
 
 OWNED_FILE = ".openelm-mlx-files.json"
 WEIGHT_PATTERN = "model*.safetensors"  # what loaders read as weights, so no stranger may stay beside ours

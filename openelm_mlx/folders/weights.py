@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .fs import require_regular_file
 
 T = TypeVar("T")

@@ -22,15 +22,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from ..errors import OpenELMError, check_range
+from ..folders.fs import write_file_atomic
+from ..folders.io import DTYPES as _DTYPES
+from ..folders.io import parse_dtype
+from ..generation.generate import GenerationConfig, generate_tokens
+from ..model.config import OpenELMConfig
+from ..model.decoder import Model
+from ..model.step import decoder_for
 from . import blas
-from .config import OpenELMConfig
-from .decode import decoder_for
-from .errors import OpenELMError, check_range
-from .fs import write_file_atomic
-from .generate import GenerationConfig, generate_tokens
-from .io import DTYPES as _DTYPES
-from .io import parse_dtype
-from .model import Model
 
 DTYPES = tuple(_DTYPES)
 
@@ -124,7 +124,7 @@ def mlx_lm_twin(model: Model) -> nn.Module:
     from mlx_lm.models.openelm import Model as MlxLmModel
     from mlx_lm.models.openelm import ModelArgs
 
-    from .io import model_config_dict
+    from ..folders.io import model_config_dict
 
     config = model_config_dict(model)
     twin = MlxLmModel(ModelArgs.from_dict(config))
@@ -279,7 +279,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def environment() -> dict[str, str]:
     """What every results row names: the machine, MLX's backend, the BLAS in use and the compiled decode step's exp."""
-    from .decode import fast_exp
+    from ..model.step import fast_exp
 
     exp = "exp" if fast_exp() is mx.exp else "power"
     return {"machine": machine(), "backend": str(mx.default_device()), "blas": blas.STATE.describe(), "decode_exp": exp}
@@ -298,7 +298,7 @@ def quantized_speeds(
     """Our decode speed for the float model and for each (bits, group_size) quantization of it, alternating."""
     import copy
 
-    from .quantize import quantize_model
+    from ..quant.recipes import quantize_model
 
     ids = prompt_ids(prompt_tokens, model.config.vocab_size)
     models: dict[str, nn.Module] = {"float": model}

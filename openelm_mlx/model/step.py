@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
-from .model import Model
+from .decoder import Model
 
 Exp = Callable[[mx.array], mx.array]
 

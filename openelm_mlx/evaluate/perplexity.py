@@ -14,9 +14,9 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from .data import read_documents
-from .errors import DataError, OptionError, check_range
-from .train import lm_loss
+from ..errors import DataError, OptionError, check_range
+from ..training.data import read_documents
+from ..training.loop import lm_loss
 
 
 @dataclass

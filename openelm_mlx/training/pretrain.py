@@ -18,15 +18,15 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import OpenELMConfig
+from ..errors import DataError, OptionError, check_range, settings_field
+from ..evaluate.perplexity import check_context
+from ..folders.fs import check_output_file
+from ..folders.io import parse_dtype, save
+from ..generation.tokenizer import TOKENIZER_FILE, Tokenizer
+from ..model.config import OpenELMConfig
+from ..model.decoder import Model
 from .data import TokenData, data_files, read_documents, tokenize_to_file
-from .errors import DataError, OptionError, check_range, settings_field
-from .eval import check_context
-from .fs import check_output_file
-from .io import parse_dtype, save
-from .model import Model
-from .tokenizer import TOKENIZER_FILE, Tokenizer
-from .train import (
+from .loop import (
     CHECKPOINTS,
     OptimizerConfig,
     Trainer,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import OptionError
-from .generate import GenerationConfig
+from ..errors import OptionError
+from ..generation.generate import GenerationConfig
 
 DEFAULT_MAX_TOKENS = 512
 MAX_BODY_BYTES = 1 << 20

@@ -13,9 +13,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from .errors import CheckpointError, check_range
-from .eval import kl_divergence, log_probs
-from .quantize import (
+from ..errors import CheckpointError, check_range
+from ..evaluate.perplexity import kl_divergence, log_probs
+from .recipes import (
     EMBEDDING,
     QuantRecipe,
     float_modules,

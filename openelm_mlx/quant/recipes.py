@@ -13,7 +13,7 @@ from typing import Any
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import CheckpointError, OptionError
+from ..errors import CheckpointError, OptionError
 
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)

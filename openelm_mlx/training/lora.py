@@ -20,12 +20,13 @@ from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from ..errors import CheckpointError, OptionError, check_range, settings_field
+from ..folders.fs import atomic_output_dir, check_output, require_regular_file
+from ..folders.io import read_json
+from ..folders.weights import check_tensors, load_safetensors
+from ..quant.recipes import QUANTIZED
 from .data import FinetuneData, load_split
-from .errors import CheckpointError, OptionError, check_range, settings_field
-from .fs import atomic_output_dir, check_output, require_regular_file
-from .io import read_json
-from .quantize import QUANTIZED
-from .train import (
+from .loop import (
     CHECKPOINTS,
     Batch,
     OptimizerConfig,
@@ -38,7 +39,6 @@ from .train import (
     prepare_run_folder,
     run_training,
 )
-from .weights import check_tensors, load_safetensors
 
 ADAPTERS_FILE = "adapters.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -444,7 +444,7 @@ def finetune(config: LoraConfig, progress: bool = False, model: Any = None, toke
     `model`/`tokenizer` default to loading `config.model`. Returns the final metrics (step, loss,
     val_loss, and test_loss / test_perplexity with `config.test`).
     """
-    from .io import load
+    from ..folders.io import load
 
     for name in ("model", "data", "adapter_path"):
         if not getattr(config, name):
@@ -528,7 +528,7 @@ def fuse_model(
     force: bool = False,
 ) -> dict[str, float]:
     """Load a model, apply and fuse the adapters in `adapter_path`, check, and save a normal model folder."""
-    from .io import load, save
+    from ..folders.io import load, save
 
     check_output(output, force, "model", (model_path, adapter_path))
     model, tok = load(model_path, tokenizer)

@@ -15,12 +15,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.utils import dequantize_model
 
+from ..errors import CheckpointError, OptionError, TokenizerNotFoundError, check_range, settings_field
+from ..evaluate.perplexity import check_context, make_windows, mean_kl, perplexity, text_windows
+from ..folders.fs import check_output
+from ..folders.io import load_model, save
+from ..generation.tokenizer import find_tokenizer
 from .calibrate import allocate_bits, gptq_quantize, make_safe, measure_sensitivity
-from .errors import CheckpointError, OptionError, TokenizerNotFoundError, check_range, settings_field
-from .eval import check_context, make_windows, mean_kl, perplexity, text_windows
-from .fs import check_output
-from .io import load_model, save
-from .quantize import (
+from .recipes import (
     QUANTIZED,
     QuantRecipe,
     bits_per_weight,
@@ -32,7 +33,6 @@ from .quantize import (
     quantize_model,
     with_embedding_bits,
 )
-from .tokenizer import find_tokenizer
 
 METHODS = ("rtn", "gptq")
 BUILTIN_TEXT = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import HubError
+from ..errors import HubError
 
 # What loading or converting a model needs; pytorch_model*.bin is fetched only when these hold no weights.
 MODEL_FILES = (

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import DataError
-from .tokenizer import CHAT_ROLES, EOS_TEXT, GENERATION_PROMPT, render_turn, valid_unicode
+from ..errors import DataError
+from ..generation.tokenizer import CHAT_ROLES, EOS_TEXT, GENERATION_PROMPT, render_turn, valid_unicode
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")

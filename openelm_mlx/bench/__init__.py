@@ -1,0 +1,1 @@
+"""Speed and memory measurements, and the BLAS loader (imported first by the package)."""

@@ -1,0 +1,1 @@
+"""Generation: settings, sampling, the token loop, chat sessions and the tokenizer."""

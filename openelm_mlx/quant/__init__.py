@@ -1,0 +1,1 @@
+"""Quantization: recipes, calibration (GPTQ, sensitivity) and the folder run."""

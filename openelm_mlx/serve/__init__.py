@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: app, request parsing and the generation worker."""

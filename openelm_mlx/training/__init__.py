@@ -1,0 +1,1 @@
+"""Training: the loop, data, LoRA/DoRA and pretraining."""
