@@ -279,10 +279,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def environment() -> dict[str, str]:
     """What every results row names: the machine, MLX's backend, the BLAS in use and the compiled decode step's exp."""
-    from ..model.step import fast_exp
+    from ..model.step import default_exp
 
-    exp = "exp" if fast_exp() is mx.exp else "power"
-    return {"machine": machine(), "backend": str(mx.default_device()), "blas": blas.STATE.describe(), "decode_exp": exp}
+    env = {"machine": machine(), "backend": str(mx.default_device()), "blas": blas.STATE.describe()}
+    return {**env, "decode_exp": default_exp()}
 
 
 def record(path: Path, key: str, row: dict[str, Any]) -> None:
