@@ -369,6 +369,20 @@ def test_sigterm_stops_the_server_cleanly_even_mid_stream():
     assert proc.wait(10) == 0 and time.time() - tic < 3.0  # not held up by the open stream
 
 
+def test_a_lone_surrogate_in_model_gets_an_openai_error(url):
+    status, body = http(url, "/v1/completions", b'{"model": "\\ud800", "prompt": "a"}')
+    assert status == 404 and body["error"]["param"] == "model" and "not served here" in body["error"]["message"]
+
+
+def test_sigterm_while_idle_stops_with_one_line_and_no_traceback():
+    proc, url = start_server()
+    assert http(url, "/v1/completions", {"prompt": "a", "max_tokens": 2}, key=None)[0] == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    err = proc.stderr.read()
+    assert "Traceback" not in err and err.rstrip().endswith("Stopped.")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -121,3 +121,4 @@ def serve(
         shown = f"[{host}]" if ":" in host else host
         typer.echo(f"Serving {settings.model_id} at http://{shown}:{sock.getsockname()[1]}/v1", err=True)
         run(Server(worker, settings), sock, log_level)
+        typer.echo("Stopped.", err=True)
