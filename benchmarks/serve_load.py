@@ -151,8 +151,8 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}"
             try:
                 ask(url, "Hi", 4, model)  # warm up
-                table[server] = {c: load_level(url, model, c, args.requests_per_client, args.max_tokens, args.time_limit)
-                                 for c in levels}  # fmt: skip
+                budget = (args.requests_per_client, args.max_tokens, args.time_limit)
+                table[server] = {c: load_level(url, model, c, *budget) for c in levels}
             finally:
                 proc.terminate()
                 proc.wait(30)

@@ -9,7 +9,6 @@ from typing import Any
 from ..errors import OptionError
 from ..generation.generate import GenerationConfig
 
-DEFAULT_MAX_TOKENS = 512
 MAX_BODY_BYTES = 1 << 20
 MAX_TOP_LOGPROBS = 20
 # Request fields -> GenerationConfig fields (the rest of the names are shared).
@@ -36,7 +35,7 @@ class ServeSettings:
     max_body_bytes: int = MAX_BODY_BYTES
 
     def default_max_tokens(self) -> int:
-        return min(DEFAULT_MAX_TOKENS, self.max_tokens_limit)
+        return min(GenerationConfig.max_tokens, self.max_tokens_limit)
 
 
 @dataclass
