@@ -159,6 +159,8 @@ def test_engine_settings_are_checked(demo):
         Engine(model, prefill_chunk=0)
     with pytest.raises(OptionError, match="kv_bits"):
         Engine(model).add(Row([1, 2], GenerationConfig(kv_bits=8), frozenset({2})))
+    with pytest.raises(OptionError, match="stop: needs the row's text"):
+        Engine(model).add(Row([1, 2], GenerationConfig(stop=("x",)), frozenset({2})))
     with pytest.raises(OptionError, match="token ids"):
         Engine(model).add(Row([1, 10**9], GenerationConfig(), frozenset({2})))
 

@@ -177,6 +177,8 @@ class Engine:
     def add(self, row: Row) -> Row:
         """Queue a row (its prompt is checked here: OptionError for ids outside the vocabulary)."""
         check_prompt_ids(self.model, row.prompt)
+        if row.config.stop and row.on_token is None:  # tokens only here: text is the caller's (a TextStream)
+            raise OptionError("stop", "needs the row's text: pass on_token (generate() and the server do)")
         if row.config.kv_bits is not None or row.config.max_kv_size not in (None, self.max_kv_size):
             name = "kv_bits" if row.config.kv_bits is not None else "max_kv_size"
             raise OptionError(name, "is a setting of the engine, not of one row (a batch shares one cache layout)")
