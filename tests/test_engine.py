@@ -83,7 +83,11 @@ def test_generation_leaves_mlx_global_random_state_alone(demo):
     mx.random.seed(123)
     generate(model, tok, ["ROMEO:", "JULIET:"], max_tokens=5, temp=1.0, seed=3)
     generate(model, tok, "ROMEO:", max_tokens=5, temp=1.0, seed=4)
+    generate(model, tok, "ROMEO:", max_tokens=5, temp=1.0, seed=4, kv_bits=8, kv_group_size=32)  # mlx-lm's loop
+    generate(model, tok, "ROMEO:", max_tokens=5, temp=1.0, seed=4, draft_model=model)
     assert mx.array_equal(mx.random.uniform(shape=(4,)), expected)
+    a = generate(model, tok, "ROMEO:", max_tokens=12, temp=1.0, seed=4, draft_model=model)
+    assert a == generate(model, tok, "ROMEO:", max_tokens=12, temp=1.0, seed=4, draft_model=model)
 
 
 def test_per_row_settings_stop_strings_and_max_tokens(demo):

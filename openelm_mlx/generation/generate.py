@@ -16,11 +16,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from ..errors import OptionError
 from ..model.step import decoder_for
-from .engine import Engine, Row
+from .engine import Engine, Row, RowSampler
 from .settings import (
     MAX_TOKENS,
     MIN_KV_SIZE,
@@ -68,16 +67,12 @@ def _mlx_lm_steps(
     prompt_cache: list[Any] | None,
 ) -> Iterator[tuple[int, mx.array, bool]]:
     """mlx-lm's single-stream loops, for speculative decoding and a quantized KV cache: (token, logprobs, drafted).
-    mlx-lm samples from MLX's global random state; a seed is applied to it here, and only here."""
-    if config.seed is not None:
-        mx.random.seed(config.seed)
-    top_p = config.top_p if config.top_p < 1 else 0.0
+    They sample with the engine's row sampler (its own random key), so MLX's global random state is never used."""
+    sampler = RowSampler(config)
     common: dict[str, Any] = dict(
         max_tokens=config.max_tokens,
-        sampler=make_sampler(temp=config.temp, top_p=top_p, min_p=config.min_p, top_k=config.top_k),
-        logits_processors=make_logits_processors(
-            repetition_penalty=config.repetition_penalty, repetition_context_size=config.repetition_context_size
-        ),
+        sampler=(lambda logprobs: mx.argmax(logprobs, axis=-1)) if sampler.greedy else sampler.sample,
+        logits_processors=sampler.processors,
         prefill_step_size=prefill_step(),
     )
     if config.kv_bits is not None:
