@@ -259,3 +259,35 @@ def test_serve_engine_options_are_checked(args, message):
 
     result = CliRunner().invoke(app, ["serve", "--port", str(free_port()), *args])
     assert result.exit_code == 1 and message in result.output
+
+
+def test_chat_refuses_a_turn_past_the_context_and_goes_on_after_reset(demo):
+    import dataclasses
+
+    from openelm_mlx.generation.chat import ChatSession
+
+    model, tok = demo
+    small = load(DEMO_DIR)[0]
+    small.config = dataclasses.replace(model.config, max_context_length=64)
+    session = ChatSession(small, tok, max_tokens=8)
+    list(session.send("Hi"))
+    with pytest.raises(OptionError, match="past the model's context of 64"):
+        list(session.send("word " * 60))
+    list(session.send("Again"))  # the session is still usable: the refused turn left nothing behind
+    session.reset()
+    assert "".join(s.text for s in session.send("Hi")) == generate(small, tok, [{"role": "user", "content": "Hi"}],
+                                                                    max_tokens=8)  # fmt: skip
+
+
+def test_cli_refuses_a_prompt_past_the_context_in_one_line(tmp_path, demo):
+    import dataclasses
+
+    from openelm_mlx.folders.io import save
+
+    model, tok = demo
+    small = load(DEMO_DIR)[0]
+    small.config = dataclasses.replace(model.config, max_context_length=64)
+    save(small, tmp_path / "small", tokenizer=tok)
+    result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "small"), "--prompt", "word " * 2000])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("error: --prompt: has 2002 tokens; the model's context is 64")
