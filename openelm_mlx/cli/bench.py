@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..bench.speed import DEFAULT_GEN_TOKENS, DEFAULT_PROMPT_TOKENS
 from ._app import app, user_errors
 
 
@@ -74,8 +75,18 @@ def bench(
     dtype: Annotated[
         str | None, typer.Option(help="float32, bfloat16 or float16 (default: float32 / as saved).")
     ] = None,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p", help="Prompt length.")] = 128,
-    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", help="Tokens to generate.")] = 64,
+    prompt_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--prompt-tokens", "-p", help=f"Prompt length (default: {DEFAULT_PROMPT_TOKENS}, less for a short context)."
+        ),
+    ] = None,
+    gen_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--gen-tokens", "-g", help=f"Tokens to generate (default: {DEFAULT_GEN_TOKENS}, less for a short context)."
+        ),
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs of each (after one warm-up); medians are reported.")] = 3,
     compare: Annotated[
         str, typer.Option(help="mlx-lm: also run mlx-lm in process and its CLI; none: only ours.")
@@ -112,6 +123,9 @@ def bench(
 
             check_settings(quantize, group_size)
         m = _build_model(model, arch, arch_config, dtype, seed)
+        prompt_tokens, gen_tokens, shrunk = b.fit_lengths(prompt_tokens, gen_tokens, m.config.max_context_length)
+        if shrunk:
+            typer.echo(f"note: {shrunk}", err=True)
         if quantize is not None:
             from ..quant.recipes import quantize_model
 
