@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ..bench.speed import DEFAULT_GEN_TOKENS, DEFAULT_PROMPT_TOKENS
+from ..quant.recipes import DEFAULT_GROUP_SIZE
 from ._app import app, user_errors
 
 
@@ -92,7 +93,7 @@ def bench(
         str, typer.Option(help="mlx-lm: also run mlx-lm in process and its CLI; none: only ours.")
     ] = "mlx-lm",
     quantize: Annotated[int | None, typer.Option(help="Quantize the weights to this many bits (4 or 8) first.")] = None,
-    group_size: Annotated[int, typer.Option(help="Group size for --quantize.")] = 64,
+    group_size: Annotated[int, typer.Option(help="Group size for --quantize.")] = DEFAULT_GROUP_SIZE,
     tokenizer: Annotated[
         str | None, typer.Option(help="tokenizer.model for mlx-lm's CLI run (default: the model's, or the demo's).")
     ] = None,
@@ -116,7 +117,7 @@ def bench(
             raise OptionError("compare", f"must be mlx-lm or none, got {compare!r}")
         if quantize is not None and quantize not in (4, 8):
             raise OptionError("quantize", f"must be 4 or 8, got {quantize}")
-        if quantize is None and group_size != 64:
+        if quantize is None and group_size != DEFAULT_GROUP_SIZE:
             raise OptionError("group_size", "takes effect only with --quantize")
         if quantize is not None:
             from ..quant.recipes import check_settings

@@ -28,7 +28,7 @@ from .tokenizer import Message, Tokenizer
 Prompt = str | Sequence[Message] | Sequence[int]
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-KV_BITS = (2, 3, 4, 5, 6, 8)
+KV_BITS = (2, 4, 8)  # mlx-lm's QuantizedKVCache packs head_dim // (32 // bits) words: exact only when bits divides 32
 KV_GROUP_SIZES = (32, 64, 128)
 MAX_TOKENS = 1 << 31  # far past any context; beyond it a number is a typo, not a request
 MIN_KV_SIZE = 8  # a rotating cache keeps the first 4 tokens and needs room to rotate
