@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from openelm_mlx import OptionError
 from openelm_mlx.cli import app
-from openelm_mlx.generation.generate import KV_BITS, GenerationConfig
+from openelm_mlx.generation.settings import KV_BITS, GenerationConfig
 from openelm_mlx.model.config import OpenELMConfig
 from openelm_mlx.quant.recipes import DEFAULT_BITS, DEFAULT_GROUP_SIZE, Q_BITS, QuantRecipe
 from openelm_mlx.quant.run import QuantizeOptions
