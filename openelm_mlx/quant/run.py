@@ -16,7 +16,7 @@ import numpy as np
 from mlx_lm.utils import dequantize_model
 
 from ..errors import CheckpointError, OptionError, TokenizerNotFoundError, check_range, settings_field
-from ..evaluate.perplexity import DEFAULT_SEQ_LEN, make_windows, mean_kl, perplexity, text_windows, window_length
+from ..evaluate.perplexity import SEQ_LEN_HELP, make_windows, mean_kl, perplexity, text_windows, window_length
 from ..folders.fs import check_output
 from ..folders.io import load_model, save
 from ..generation.tokenizer import find_tokenizer
@@ -74,11 +74,7 @@ class QuantizeOptions:
     calib: tuple[str, ...] = settings_field((), "Calibration text (.txt/.jsonl); repeatable.")
     embedding_bits: str | None = settings_field(None, "Bits for the embedding and tied output head, or 'float'.")
     eval_data: tuple[str, ...] = ()
-    seq_len: int | None = settings_field(
-        None,
-        f"Window length for calibration and evaluation text (default: {DEFAULT_SEQ_LEN}, or the model's context "
-        "if shorter).",
-    )
+    seq_len: int | None = settings_field(None, f"{SEQ_LEN_HELP} For calibration and evaluation text.")
     num_samples: int = settings_field(32, "Windows of calibration/evaluation text to use.")
     batch_size: int = 4
 
