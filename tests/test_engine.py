@@ -290,4 +290,5 @@ def test_cli_refuses_a_prompt_past_the_context_in_one_line(tmp_path, demo):
     save(small, tmp_path / "small", tokenizer=tok)
     result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "small"), "--prompt", "word " * 2000])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines()[-1].startswith("error: --prompt: has 2002 tokens; the model's context is 64")
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: --prompt: has 2002 tokens; the model's context is 64")

@@ -12,7 +12,8 @@ from openelm_mlx.cli import app
 from openelm_mlx.errors import OptionError
 from openelm_mlx.generation.chat import ChatSession, chat_turn_ids
 from openelm_mlx.generation.generate import StopStrings, generate, generate_tokens, stream_generate
-from openelm_mlx.generation.tokenizer import Tokenizer, render_chat
+from openelm_mlx.generation.template import render_chat
+from openelm_mlx.generation.tokenizer import Tokenizer
 from openelm_mlx.model.config import OpenELMConfig
 
 TINY = dict(vocab_size=32000, model_dim=64, head_dim=32, max_context_length=1024)

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ..bench.speed import DEFAULT_GEN_TOKENS, DEFAULT_PROMPT_TOKENS
+from ..quant.recipes import DEFAULT_GROUP_SIZE
 from ._app import app, user_errors
 
 
@@ -74,14 +76,24 @@ def bench(
     dtype: Annotated[
         str | None, typer.Option(help="float32, bfloat16 or float16 (default: float32 / as saved).")
     ] = None,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p", help="Prompt length.")] = 128,
-    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", help="Tokens to generate.")] = 64,
+    prompt_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--prompt-tokens", "-p", help=f"Prompt length (default: {DEFAULT_PROMPT_TOKENS}, less for a short context)."
+        ),
+    ] = None,
+    gen_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--gen-tokens", "-g", help=f"Tokens to generate (default: {DEFAULT_GEN_TOKENS}, less for a short context)."
+        ),
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs of each (after one warm-up); medians are reported.")] = 3,
     compare: Annotated[
         str, typer.Option(help="mlx-lm: also run mlx-lm in process and its CLI; none: only ours.")
     ] = "mlx-lm",
     quantize: Annotated[int | None, typer.Option(help="Quantize the weights to this many bits (4 or 8) first.")] = None,
-    group_size: Annotated[int, typer.Option(help="Group size for --quantize.")] = 64,
+    group_size: Annotated[int, typer.Option(help="Group size for --quantize.")] = DEFAULT_GROUP_SIZE,
     tokenizer: Annotated[
         str | None, typer.Option(help="tokenizer.model for mlx-lm's CLI run (default: the model's, or the demo's).")
     ] = None,
@@ -105,13 +117,16 @@ def bench(
             raise OptionError("compare", f"must be mlx-lm or none, got {compare!r}")
         if quantize is not None and quantize not in (4, 8):
             raise OptionError("quantize", f"must be 4 or 8, got {quantize}")
-        if quantize is None and group_size != 64:
+        if quantize is None and group_size != DEFAULT_GROUP_SIZE:
             raise OptionError("group_size", "takes effect only with --quantize")
         if quantize is not None:
             from ..quant.recipes import check_settings
 
             check_settings(quantize, group_size)
         m = _build_model(model, arch, arch_config, dtype, seed)
+        prompt_tokens, gen_tokens, shrunk = b.fit_lengths(prompt_tokens, gen_tokens, m.config.max_context_length)
+        if shrunk:
+            typer.echo(f"note: {shrunk}", err=True)
         if quantize is not None:
             from ..quant.recipes import quantize_model
 

@@ -216,10 +216,21 @@ def _same_file(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
     return True
 
 
+PROC_STATUS = "/proc/self/status"  # holds the process umask on Linux >= 4.7
+
+
 def _umask_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
+    """0o777 less the process umask, read without setting it (`os.umask` can only be read by changing it,
+    which races with other threads): Linux reports it in /proc/self/status; elsewhere a folder made with
+    mode 0o777 shows what the umask leaves."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(PROC_STATUS).read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o777 & ~int(line.split()[1], 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = os.path.join(tmp, "probe")
+        os.mkdir(probe, 0o777)
+        return stat.S_IMODE(os.stat(probe).st_mode)
 
 
 @contextlib.contextmanager

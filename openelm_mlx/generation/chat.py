@@ -10,7 +10,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..errors import OptionError
 from .generate import GenerationConfig, GenerationStep, resolve_config, stream_generate
-from .tokenizer import Message, Tokenizer, render_chat
+from .template import Message, render_continuation
+from .tokenizer import Tokenizer
 
 
 def chat_turn_ids(tokenizer: Tokenizer, messages: Sequence[Message], after_eos: bool) -> list[int]:
@@ -19,7 +20,7 @@ def chat_turn_ids(tokenizer: Tokenizer, messages: Sequence[Message], after_eos: 
     The cached history ends right after an assistant answer; `after_eos` says whether that answer's
     EOS is already in the cache. The result equals the tail of the whole conversation's template.
     """
-    ids = tokenizer.encode_chat_text("\n" + render_chat(messages, add_generation_prompt=True))
+    ids = tokenizer.encode_chat_text(render_continuation(messages))
     return ids if after_eos else [tokenizer.eos_id, *ids]
 
 

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..errors import OptionError, check_range, settings_field
 
-KV_BITS = (2, 3, 4, 5, 6, 8)
+KV_BITS = (2, 4, 8)  # mlx-lm's QuantizedKVCache packs head_dim // (32 // bits) words: exact only when bits divides 32
 KV_GROUP_SIZES = (32, 64, 128)
 MAX_TOKENS = 1 << 31  # far past any context; beyond it a number is a typo, not a request
 MIN_KV_SIZE = 8  # a rotating cache keeps the first 4 tokens and needs room to rotate

@@ -1,4 +1,5 @@
-"""OpenELM's tokenizer: LLaMA SentencePiece with BOS, the Instruct chat template, UTF-8-safe streaming.
+"""OpenELM's tokenizer: LLaMA SentencePiece with BOS, chat messages encoded with the Instruct template (template.py),
+UTF-8-safe streaming.
 
 Apple's repos ship no tokenizer; `find_tokenizer` says exactly how to supply one.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,21 +16,13 @@ from typing import Any
 
 import sentencepiece as spm
 
-from ..errors import CheckpointError, OptionError, TokenizerNotFoundError
+from ..errors import CheckpointError, TokenizerNotFoundError
 from ..folders.fs import require_regular_file
+from ..folders.io import read_json
+from .template import EOS_TEXT, JINJA, Message, render_chat
 
 TOKENIZER_FILE = "tokenizer.model"
 LLAMA_TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
-EOS_TEXT = "</s>"
-# The zephyr-style template Apple's Instruct models were tuned with; `</s>` is the EOS token.
-CHAT_TEMPLATE_JINJA = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-CHAT_ROLES = ("system", "user", "assistant")
-
-Message = dict[str, str]
 
 
 def uses_chat_template(folder: Path | None, name: str = "") -> bool:
@@ -46,32 +40,6 @@ def valid_unicode(text: str) -> str:
         return text
     except UnicodeEncodeError:
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-
-
-GENERATION_PROMPT = "<|assistant|>\n"
-
-
-def render_turn(message: Message, index: int = 0) -> str:
-    """One message of the Instruct template as text, `</s>` standing for EOS.
-
-    Raises:
-        OptionError: the message lacks a known role or a string content.
-    """
-    if (
-        not isinstance(message, dict)
-        or message.get("role") not in CHAT_ROLES
-        or not isinstance(message.get("content"), str)
-    ):
-        raise OptionError(
-            "messages", f"message {index} needs 'role' in {CHAT_ROLES} and a string 'content', got {message!r:.80}"
-        )
-    return f"<|{message['role']}|>\n{message['content']}{EOS_TEXT}\n"
-
-
-def render_chat(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """The Instruct prompt as text, `</s>` standing for EOS (BOS not included)."""
-    text = "".join(render_turn(m, i) for i, m in enumerate(messages))
-    return text + GENERATION_PROMPT if add_generation_prompt else text
 
 
 class StreamingDetokenizer:
@@ -185,7 +153,7 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
         }
         if self.chat_template:
-            cfg["chat_template"] = CHAT_TEMPLATE_JINJA
+            cfg["chat_template"] = JINJA
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
@@ -222,15 +190,19 @@ def find_tokenizer(
 
 
 def _recorded_chat_template(model_dir: Path) -> bool | None:
-    """True/False when the folder's tokenizer_config.json says, None when there is no readable record."""
-    cfg = model_dir / "tokenizer_config.json"
-    if not cfg.is_file():
+    """True/False when the folder's tokenizer_config.json says, None when the folder has none.
+
+    Raises:
+        CheckpointError: naming the file when it is unreadable, not a JSON object, or its chat_template is
+            neither a string nor a list (transformers' named templates).
+    """
+    path = model_dir / "tokenizer_config.json"
+    if not os.path.lexists(path):
         return None
-    try:
-        data = json.loads(cfg.read_text())
-    except (ValueError, RecursionError, OSError):
-        return None
-    return bool(data.get("chat_template")) if isinstance(data, dict) else None
+    template = read_json(path).get("chat_template")
+    if template is not None and not isinstance(template, (str, list)):
+        raise CheckpointError(f"{path}: chat_template must be a string, got {type(template).__name__}")
+    return bool(template)
 
 
 def _download_tokenizer(repo_id: str) -> Path:

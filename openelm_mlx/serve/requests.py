@@ -8,13 +8,14 @@ from typing import Any
 
 from ..errors import OptionError
 from ..generation.generate import GenerationConfig
+from ..generation.template import ROLES as TEMPLATE_ROLES
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TOP_LOGPROBS = 20
 # Request fields -> GenerationConfig fields (the rest of the names are shared).
 CONFIG_FIELDS = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed"}
 CONFIG_FIELDS |= {"repetition_penalty": "repetition_penalty", "stop": "stop"}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {**{role: role for role in TEMPLATE_ROLES}, "developer": "system"}  # OpenAI role -> template role
 
 
 class APIError(Exception):

@@ -17,8 +17,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import DataError
-from ..generation.tokenizer import CHAT_ROLES, EOS_TEXT, GENERATION_PROMPT, render_turn, valid_unicode
+from ..errors import DataError, OptionError
+from ..generation.template import check_message, split_replies
+from ..generation.tokenizer import valid_unicode
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -220,8 +221,10 @@ def _check_messages(messages: Any, where: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(f'{where}: "messages" must be a non-empty list')
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: message {i} needs a 'role' in {CHAT_ROLES} and a string 'content'")
+        try:
+            check_message(m, i)
+        except OptionError as e:
+            raise DataError(f"{where}: {e.detail}") from None
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the chat has no assistant turn (nothing to learn)")
 
@@ -262,14 +265,10 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
 def _chat_segments(messages: list[dict], tok: FinetuneTokenizer) -> list[tuple[list[int], bool]]:
     """Token segments of a chat, (ids, is_assistant_reply): each prompt part is tokenized exactly as the
     Instruct template renders it at inference, each reply as its text followed by EOS."""
-    segments, pending = [], ""
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            pending += render_turn(m, i)
-            continue
-        segments.append((tok.encode_chat_text(pending + GENERATION_PROMPT), False))
-        segments.append(([*tok.encode(m["content"], add_bos=False), tok.eos_id], True))
-        pending = render_turn(m, i).rpartition(EOS_TEXT)[2]  # what the template writes after the reply's EOS
+    segments = []
+    for prompt, reply in split_replies(messages):
+        segments.append((tok.encode_chat_text(prompt), False))
+        segments.append(([*tok.encode(reply, add_bos=False), tok.eos_id], True))
     return segments
 
 
