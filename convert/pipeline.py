@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from openelm_mlx.errors import CheckpointError, ConfigError, OptionError
 from openelm_mlx.folders.arch import resolve_arch
 from openelm_mlx.folders.fs import atomic_output_dir, check_output, require_regular_file
-from openelm_mlx.folders.hub import download
+from openelm_mlx.folders.hub import download, local_path
 from openelm_mlx.folders.io import check_tokenizer, dtype_name, load_model, model_config_dict, parse_dtype, read_config
 from openelm_mlx.folders.weights import (
     INDEX_FILE,
@@ -97,8 +97,8 @@ def _read_file(path: Path) -> dict[str, LazyTensor]:
 
 def open_source(src: str | Path) -> Source:
     """A local folder or file, or a Hub repo id (only the needed files are fetched)."""
-    path = Path(src)
-    if not path.exists():
+    path = local_path(src)
+    if path is None:
         path = download(str(src))
         if not any(path.glob("*.safetensors")):
             path = download(str(src), HF_BIN_FILES)
@@ -192,6 +192,13 @@ def _choose_vocab(
             raise OptionError("vocab_size", f"{vocab_size} is smaller than the tokenizer's {tok.vocab_size} pieces")
         return vocab_size
     if tok is not None and rows > tok.vocab_size:
+        if tok.vocab_size < config.vocab_size:  # rows past the config's vocabulary are padding; these are not
+            raise OptionError(
+                "vocab_size",
+                f"{tok.model_file} has {tok.vocab_size} pieces, fewer than the {config.vocab_size}-token vocabulary "
+                f"of the checkpoint ({rows} embedding rows): give the vocabulary size to cut the embedding to "
+                f"{tok.vocab_size} rows, or use the model's own tokenizer",
+            )
         return tok.vocab_size
     if rows != config.vocab_size:
         log.warning(

@@ -98,7 +98,8 @@ def bench(
         if json is not None:
             from ..folders.fs import check_output_file
 
-            check_output_file(json, force, option="json")
+            given = [p for p in (model, tokenizer, arch_config) if p]
+            check_output_file(json, force, inputs=given, inputs_are="inputs of this command", what="results", option="json")
         elif force:
             raise OptionError("force", "takes effect only with --json")
         if compare not in ("mlx-lm", "none"):

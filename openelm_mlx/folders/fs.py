@@ -110,8 +110,9 @@ def check_output_file(
     what: str = "output",
     option: str = "output",
 ) -> Path:
-    """Refuse, before any work is done, an output file that would lose something: one of the `inputs`, an
-    existing entry that is not a regular file, or an existing file unless `force`. Returns the path.
+    """Refuse, before any work is done, an output file that would lose something: one of the `inputs` or a
+    path inside an input folder (with or without `force`), an existing entry that is not a regular file, or
+    an existing file unless `force`. Returns the path.
 
     Raises:
         OptionError: `option` (the one naming the file) or `force`, naming the file.
@@ -119,15 +120,26 @@ def check_output_file(
     path = Path(path)
     if not str(path).strip():
         raise OptionError(option, "is an empty path")
+    for given in inputs:
+        if _inside(path, Path(given)):
+            raise OptionError(option, f"{path} is inside {given}, one of the {inputs_are}; write the {what} elsewhere")
     if not path.exists() and not path.is_symlink():
         return path
-    if any(path.exists() and os.path.samefile(path, f) for f in inputs):
+    if any(path.exists() and Path(f).exists() and os.path.samefile(path, f) for f in inputs):
         raise OptionError(option, f"{path} is one of the {inputs_are}; write the {what} elsewhere")
     if not path.is_file() or path.is_symlink():
         raise OptionError(option, f"{path} exists and is not a regular file")
     if not force:
         raise OptionError("force", f"is needed to replace the existing file {path}")
     return path
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """`path` (followed through links) lies inside the existing folder `folder`."""
+    if not folder.is_dir():
+        return False
+    target = path.resolve()
+    return any(p.exists() and os.path.samefile(p, folder) for p in target.parents)
 
 
 def write_file_atomic(path: str | Path, text: str) -> None:

@@ -214,9 +214,21 @@ def load(
 
 
 def check_tokenizer(tokenizer: Any, config: OpenELMConfig) -> None:
-    """A tokenizer must fit the model: more pieces than embedding rows would index past the table."""
-    if tokenizer.vocab_size > config.vocab_size:
+    """A tokenizer must fit the model exactly: more pieces than embedding rows would index past the table, fewer
+    leave ids the model can produce that the tokenizer cannot decode.
+
+    Raises:
+        CheckpointError: naming the tokenizer file and both sizes.
+    """
+    pieces, rows = tokenizer.vocab_size, config.vocab_size
+    if pieces > rows:
         raise CheckpointError(
-            f"{tokenizer.model_file}: has {tokenizer.vocab_size} pieces but the model's vocabulary is "
-            f"{config.vocab_size}: this tokenizer does not belong to this model"
+            f"{tokenizer.model_file}: has {pieces} pieces but the model's vocabulary is "
+            f"{rows}: this tokenizer does not belong to this model"
+        )
+    if pieces < rows:
+        raise CheckpointError(
+            f"{tokenizer.model_file}: has {pieces} pieces but the model's vocabulary is {rows}: this tokenizer "
+            f"does not belong to this model (if rows {pieces} and up are padding, as in CoreNet checkpoints, "
+            f"convert the checkpoint again with this tokenizer or a vocabulary size of {pieces})"
         )

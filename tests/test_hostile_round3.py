@@ -1,0 +1,139 @@
+"""Round 3 of hostile and unlucky inputs (issue 23, part 8): each ends in one clear line and loses nothing."""
+
+import json
+import os
+
+import pytest
+from checkpoints import hf_folder
+from helpers import numpy_weights, random_model
+from typer.testing import CliRunner
+
+from openelm_mlx import CheckpointError, load, save
+from openelm_mlx.cli import app
+from openelm_mlx.demo import DEMO_DIR
+from openelm_mlx.errors import HubError
+from openelm_mlx.folders.hub import download, resolve
+from openelm_mlx.model.config import OpenELMConfig
+
+V2048 = OpenELMConfig.tiny(vocab_size=2048, model_dim=32, head_dim=16)
+
+
+def run(*args, input=None):
+    result = CliRunner().invoke(app, [str(a) for a in args], input=input)
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def one_error(result, *fragments):
+    """Exit 1 with one `error:` line holding every fragment."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.output
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    """A 512-piece tokenizer: smaller than the 2048-row vocabulary of V2048 and the demo."""
+    import sentencepiece as spm
+
+    root = tmp_path_factory.mktemp("tok512")
+    text = root / "text.txt"
+    text.write_text((DEMO_DIR.parent.parent / "README.md").read_text())
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(root / "tok"),
+        vocab_size=512,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        hard_vocab_limit=False,
+    )
+    return root / "tok.model"
+
+
+@pytest.fixture(scope="module")
+def model_2048(tmp_path_factory):
+    """An MLX folder (no tokenizer) and a Hugging Face folder of a 2048-vocabulary model."""
+    root = tmp_path_factory.mktemp("m2048")
+    model = random_model(V2048, seed=5)
+    save(model, root / "mlx")
+    hf_folder(root / "hf", numpy_weights(model), V2048.to_dict())
+    return root
+
+
+# --- the Hub: every error one line ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("repo", ["apple/..", "apple/-x-", "apple/a b"])
+def test_repo_ids_that_are_not_ones_are_a_hub_error(repo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HubError, match="not a local path, nor a Hugging Face repo id"):
+        download(repo)
+    one_error(run("generate", "--model", repo, "--prompt", "x"), repo, "not a local path")
+
+
+def test_a_symlink_loop_as_source_says_so(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="too many levels of symbolic links"):
+        resolve(tmp_path / "loop")
+    one_error(run("convert", tmp_path / "loop", "-o", tmp_path / "o"), "loop", "symbolic links")
+    one_error(run("generate", "--model", tmp_path / "dangling", "--prompt", "x"), "link to nothing")
+
+
+# --- outputs never replace inputs -------------------------------------------------------------------------------
+
+
+def test_bench_json_may_not_be_a_file_of_its_model(tmp_path):
+    model = tmp_path / "m"
+    save(random_model(OpenELMConfig.tiny()), model)
+    before = snapshot(model)
+    for force in ([], ["--force"]):
+        result = run("bench", "--model", model, "--json", model / "config.json", "--compare", "none", *force)
+        one_error(result, "--json", "config.json", "is inside", "write the results elsewhere")
+    one_error(run("bench", "--model", model, "--json", model / "new.json", "--compare", "none"), "is inside")
+    assert snapshot(model) == before
+
+
+def test_train_tokenizer_may_not_write_over_its_data(tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text("To be, or not to be, that is the question.\n" * 100)
+    before = data.read_bytes()
+    args = ["train-tokenizer", "--data", data, "--vocab-size", "300", "-o", data]
+    one_error(run(*args, "--force"), "is one of the training data files")
+    assert data.read_bytes() == before
+
+
+# --- tokenizers smaller than the vocabulary -------------------------------------------------------------------------
+
+
+def test_a_tokenizer_smaller_than_the_vocabulary_is_refused_at_load(model_2048, small_tokenizer):
+    with pytest.raises(CheckpointError, match="512 pieces but the model's vocabulary is 2048"):
+        load(model_2048 / "mlx", tokenizer=small_tokenizer)
+    one_error(
+        run("generate", "--model", model_2048 / "mlx", "--tokenizer", small_tokenizer, "--prompt", "x"),
+        "512 pieces but the model's vocabulary is 2048",
+    )
+
+
+def test_convert_never_cuts_the_vocabulary_to_a_smaller_tokenizer_silently(model_2048, small_tokenizer, tmp_path):
+    out = tmp_path / "o"
+    one_error(
+        run("convert", model_2048 / "hf", "-o", out, "--tokenizer", small_tokenizer),
+        "--vocab-size",
+        "512 pieces",
+        "2048",
+    )
+    assert not out.exists()
+    result = run("convert", model_2048 / "hf", "-o", out, "--tokenizer", small_tokenizer, "--vocab-size", "512")
+    assert result.exit_code == 0, result.output
+    model, tok = load(out)
+    assert model.config.vocab_size == 512 == tok.vocab_size
