@@ -1,7 +1,5 @@
 """Round 3 of hostile and unlucky inputs (issue 23, part 8): each ends in one clear line and loses nothing."""
 
-import json
-import os
 
 import pytest
 from checkpoints import hf_folder
@@ -137,3 +135,97 @@ def test_convert_never_cuts_the_vocabulary_to_a_smaller_tokenizer_silently(model
     assert result.exit_code == 0, result.output
     model, tok = load(out)
     assert model.config.vocab_size == 512 == tok.vocab_size
+
+
+# --- a full disk or a file-size limit: one line, the previous output whole, no temporaries -------------------------
+
+
+def _temporaries(folder):
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+def _limited(args, limit):
+    """Run the CLI in a subprocess whose files may not grow past `limit` bytes (writes then fail with EFBIG)."""
+    import resource
+    import subprocess
+    import sys
+
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    # Python ignores SIGXFSZ itself, so a write past the limit fails with EFBIG instead of killing the process.
+    return subprocess.run(
+        [sys.executable, "-m", "openelm_mlx", *map(str, args)], capture_output=True, text=True, preexec_fn=preexec
+    )
+
+
+def test_a_file_size_limit_is_one_line_and_the_previous_output_stays_whole(model_2048, tmp_path):
+    out = tmp_path / "out"
+    assert run("convert", model_2048 / "hf", "-o", out).exit_code == 0
+    before = snapshot(out)
+    result = _limited(["convert", model_2048 / "hf", "-o", out, "--dtype", "float32"], 64 << 10)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(out) in errors[0] and "file-size limit" in errors[0], result.stderr
+    assert snapshot(out) == before and _temporaries(out) == []
+    assert run("convert", model_2048 / "hf", "-o", out, "--dtype", "float16").exit_code == 0  # a later run succeeds
+    assert snapshot(out) != before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (needs root and mount rights; skipped otherwise)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def _fill(disk, leave):
+    """Fill `disk` until only about `leave` bytes are free."""
+    import shutil
+
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_a_full_disk_is_one_line_for_convert_export_and_lora(model_2048, small_disk, tmp_path):
+    model, hf = small_disk / "model", small_disk / "hf"
+    assert run("convert", model_2048 / "hf", "-o", model, "--tokenizer", DEMO_DIR / "tokenizer.model").exit_code == 0
+    assert run("export", model, "-o", hf).exit_code == 0
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "To be or not to be"}\n' * 4)
+    lora = ["lora", "--model", model, "--data", tmp_path / "data", "--iters", "1", "--batch-size", "1"]
+    models = {f: snapshot(f) for f in (model, hf)}
+    _fill(small_disk, 16 << 10)
+    commands = {
+        model: [
+            "convert",
+            model_2048 / "hf",
+            "-o",
+            model,
+            "--dtype",
+            "float32",
+            "--tokenizer",
+            DEMO_DIR / "tokenizer.model",
+        ],
+        hf: ["export", model, "-o", hf, "--dtype", "float32"],
+        small_disk / "adapters": [*lora, "--adapter-path", small_disk / "adapters"],
+    }
+    for dest, args in commands.items():
+        one_error(run(*args), str(dest), "no space left on the device")
+        assert _temporaries(dest) == []
+    assert {f: snapshot(f) for f in (model, hf)} == models
+    assert not (small_disk / "adapters" / "adapters.safetensors").exists()
+    (small_disk / "filler").unlink()
+    commands[small_disk / "adapters"].append("--overwrite")  # the failed run's log stays until a run replaces it
+    for args in commands.values():
+        assert (r := run(*args)).exit_code == 0, r.output

@@ -8,6 +8,7 @@ killed at any point is repaired (or its temporaries removed) the next time the s
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import json
 import logging
@@ -18,12 +19,52 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import CheckpointError, OptionError
+from ..errors import CheckpointError, OpenELMError, OptionError
 
 OWNED_FILE = ".openelm-mlx-files.json"
 WEIGHT_PATTERN = "model*.safetensors"  # what loaders read as weights, so no stranger may stay beside ours
 WEIGHT_KINDS = ("model", "hf-model")
 log = logging.getLogger("openelm_mlx")
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+class WriteError(OpenELMError):
+    """An output could not be written (a full disk, a file-size limit); the message names the folder and why."""
+
+
+def write_failure(e: BaseException, where: Path) -> str | None:
+    """Why writing into `where` failed, when `e` is a failed write (a full disk, a file-size limit, ...); else None.
+
+    MLX reports its failed writes as RuntimeError("[write] Unable to write N bytes ...") without the reason,
+    so the reason is found from the file-size limit and the free space.
+    """
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        reason = os.strerror(e.errno).lower()
+    elif isinstance(e, RuntimeError) and str(e).startswith(("[write]", "[save_safetensors]", "[save]")):
+        reason = " ".join(str(e).split())
+    else:
+        return None
+    import resource  # POSIX only, like the rest of this module's renames
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and (not isinstance(e, OSError) or e.errno == errno.EFBIG):
+        return f"the file-size limit (ulimit -f) of {limit} bytes was reached"
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or free < 64 << 20:
+            return f"no space left on the device ({free / 1e6:.1f} MB free)"
+    return reason
+
+
+@contextlib.contextmanager
+def named_write_errors(dest: Path, what: str = "the output") -> Iterator[None]:
+    """Turn a failed write (see `write_failure`) into one WriteError naming `dest` and the cause."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OpenELMError) or (reason := write_failure(e, dest)) is None:
+            raise
+        raise WriteError(f"{dest}: could not write {what}: {reason}; nothing was changed") from None
 
 
 def require_regular_file(path: Path) -> Path:
@@ -148,7 +189,7 @@ def write_file_atomic(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with named_write_errors(path, "the file"), os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, _umask_mode() & 0o666)  # mkstemp makes 0600; files follow the umask
         os.replace(tmp, path)
@@ -256,11 +297,12 @@ def atomic_output_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     os.chmod(tmp, _umask_mode())  # mkdtemp makes 0700; outputs follow the umask like any folder
     try:
-        yield tmp
-        check_output(dest, force, kind, inputs)  # again: the folder may have changed meanwhile
-        _check_names(dest, tmp)
-        names = sorted(f.name for f in tmp.iterdir())
-        (tmp / OWNED_FILE).write_text(json.dumps({"kind": kind, "files": names}, indent=1))
+        with named_write_errors(dest):
+            yield tmp
+            check_output(dest, force, kind, inputs)  # again: the folder may have changed meanwhile
+            _check_names(dest, tmp)
+            names = sorted(f.name for f in tmp.iterdir())
+            (tmp / OWNED_FILE).write_text(json.dumps({"kind": kind, "files": names}, indent=1))
         if not dest.exists():
             os.rename(tmp, dest)
             return
