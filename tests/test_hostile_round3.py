@@ -1,5 +1,6 @@
 """Round 3 of hostile and unlucky inputs (issue 23, part 8): each ends in one clear line and loses nothing."""
 
+import os
 
 import pytest
 from checkpoints import hf_folder
@@ -229,3 +230,105 @@ def test_a_full_disk_is_one_line_for_convert_export_and_lora(model_2048, small_d
     commands[small_disk / "adapters"].append("--overwrite")  # the failed run's log stays until a run replaces it
     for args in commands.values():
         assert (r := run(*args)).exit_code == 0, r.output
+
+
+# --- two runs writing the same folder: a lock per output folder, temporaries removed only when their owner is dead -
+
+
+@pytest.fixture
+def hold_lock():
+    """`hold_lock(folder)`: another process claims `folder` until the test ends."""
+    import subprocess
+    import sys
+
+    procs = []
+
+    def hold(folder):
+        code = "import sys; from openelm_mlx.folders.fs import claim_folder; claim_folder(sys.argv[1]); print('held')"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code + "; sys.stdout.flush(); sys.stdin.read()", str(folder)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc.pid
+
+    yield hold
+    for proc in procs:
+        proc.communicate("")
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_a_folder_another_run_is_writing_is_refused_and_its_temporaries_kept(model_2048, tmp_path, hold_lock):
+    out = tmp_path / "out"
+    assert run("convert", model_2048 / "hf", "-o", out).exit_code == 0
+    before = snapshot(out)
+    pid = hold_lock(out)
+    live = tmp_path / f".out.tmp-{pid}-abcd1234"
+    live.mkdir()
+    (live / "model.safetensors").write_bytes(b"being written")
+    one_error(run("convert", model_2048 / "hf", "-o", out, "--dtype", "float16"), str(out), f"process {pid}")
+    assert snapshot(out) == before and live.is_dir()
+    dead = tmp_path / f".out.tmp-{_dead_pid()}-abcd1234"
+    dead.mkdir()
+    mine = tmp_path / f".out.tmp-{os.getpid()}-abcd1234"  # this process is alive: its temporary stays
+    mine.mkdir()
+    assert run("convert", model_2048 / "hf", "-o", tmp_path / "other").exit_code == 0  # other folders are free
+    from openelm_mlx.folders.fs import recover
+
+    recover(out)
+    assert not dead.exists() and live.is_dir() and mine.is_dir()
+
+
+def test_two_concurrent_converts_never_crash_or_mix(model_2048, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "openelm_mlx", "convert", str(model_2048 / "hf"), "-o", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(), p.stderr.read()) for p in procs]
+    assert all("Traceback" not in err for _, err in results), results
+    assert any(code == 0 for code, _ in results), results
+    for code, err in results:
+        assert code == 0 or "another openelm-mlx run" in err, err
+    from openelm_mlx import load_model
+
+    assert load_model(out).config.vocab_size == 2048
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_a_run_folder_another_run_uses_is_refused(tmp_path, hold_lock):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "To be or not to be"}\n' * 4)
+    adapters = tmp_path / "ad"
+    pid = hold_lock(adapters)
+    args = ["lora", "--data", data, "--iters", "1", "--batch-size", "1", "--adapter-path", adapters]
+    one_error(run(*args, "--model", DEMO_DIR), str(adapters), f"process {pid}")
+    assert not adapters.exists()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / f".step_000001.tmp-{_dead_pid()}-x").mkdir()
+    (checkpoints / f".step_000002.tmp-{os.getpid()}-x").mkdir()  # a live owner's: kept
+    from openelm_mlx.training.loop import prepare_run_folder, release_folder
+
+    prepare_run_folder(tmp_path / "run", ("log.jsonl",), resume=False, overwrite=False, option="out")
+    release_folder(tmp_path / "run")
+    assert [p.name for p in checkpoints.iterdir()] == [f".step_000002.tmp-{os.getpid()}-x"]

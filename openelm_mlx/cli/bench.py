@@ -99,7 +99,9 @@ def bench(
             from ..folders.fs import check_output_file
 
             given = [p for p in (model, tokenizer, arch_config) if p]
-            check_output_file(json, force, inputs=given, inputs_are="inputs of this command", what="results", option="json")
+            check_output_file(
+                json, force, inputs=given, inputs_are="inputs of this command", what="results", option="json"
+            )
         elif force:
             raise OptionError("force", "takes effect only with --json")
         if compare not in ("mlx-lm", "none"):

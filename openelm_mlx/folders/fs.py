@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import fnmatch
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -103,7 +105,102 @@ def owned_files(folder: Path) -> set[str] | None:
 
 
 def _siblings(dest: Path, kind: str) -> list[Path]:
-    return sorted(dest.parent.glob(f".{dest.name}.{kind}-*"))
+    """Temporaries of `dest` (`.NAME.tmp-PID-...`) whose owner is dead: never one of a live process's."""
+    return sorted(p for p in dest.parent.glob(f".{dest.name}.{kind}-*") if not _owner_alive(p.name))
+
+
+def _temporary_prefix(dest: Path, kind: str) -> str:
+    return f".{dest.name}.{kind}-{os.getpid()}-"
+
+
+def _owner_alive(name: str) -> bool:
+    """The process whose id a temporary's name records (`...tmp-PID-xxxx`) still runs (pre-pid names: no owner)."""
+    pid = name.rpartition(".")[2].split("-")[1:2]
+    if not pid or not pid[0].isdigit():
+        return False
+    try:
+        os.kill(int(pid[0]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+_HELD: dict[Path, list[int]] = {}  # lock file -> [fd, depth]: locks this process holds (re-entrant)
+_HELD_GUARD = threading.Lock()
+
+
+def _lock_file(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.lock"
+
+
+def claim_folder(dest: str | Path) -> None:
+    """Hold the lock of the output folder `dest` (a `.NAME.lock` file beside it, flock'ed) until `release_folder`.
+
+    Re-entrant within this process; another process holding it makes this raise at once.
+
+    Raises:
+        CheckpointError: another process is writing `dest` now.
+    """
+    dest = output_path(dest)
+    lock = _lock_file(dest)
+    with _HELD_GUARD:
+        if lock in _HELD:
+            _HELD[lock][1] += 1
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise CheckpointError(
+                    f"{dest}: another openelm-mlx run (process {owner}) is writing this folder now; wait for it to "
+                    "finish or choose another folder"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break  # still the file at that path (not one a releasing owner just removed)
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _HELD[lock] = [fd, 1]
+
+
+def release_folder(dest: str | Path) -> None:
+    """Release what `claim_folder(dest)` took (the last release removes the lock file); a no-op when not held."""
+    lock = _lock_file(output_path(dest))
+    with _HELD_GUARD:
+        if lock not in _HELD:
+            return
+        _HELD[lock][1] -= 1
+        if _HELD[lock][1] > 0:
+            return
+        fd = _HELD.pop(lock)[0]
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still locked: a waiting process then finds it gone and opens a fresh one
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(dest: str | Path) -> Iterator[None]:
+    """`claim_folder` for the duration of a `with` block."""
+    claim_folder(dest)
+    try:
+        yield
+    finally:
+        release_folder(dest)
+
+
+def remove_stale(folder: Path, pattern: str) -> int:
+    """Remove the entries of `folder` matching `pattern` whose owning process is dead; return how many."""
+    stale = [p for p in folder.glob(pattern) if not _owner_alive(p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
 
 
 def recover(dest: Path) -> None:
@@ -292,9 +389,13 @@ def atomic_output_dir(
     """
     dest = output_path(dest)
     check_output(dest, force, kind, inputs)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    recover(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    with folder_lock(dest):
+        recover(dest)
+        yield from _write_output(dest, force, kind, inputs)
+
+
+def _write_output(dest: Path, force: bool, kind: str, inputs: Sequence[str | Path]) -> Iterator[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest, "tmp"), dir=dest.parent))
     os.chmod(tmp, _umask_mode())  # mkdtemp makes 0700; outputs follow the umask like any folder
     try:
         with named_write_errors(dest):
@@ -307,7 +408,7 @@ def atomic_output_dir(
             os.rename(tmp, dest)
             return
         os.chmod(tmp, stat.S_IMODE(dest.stat().st_mode))  # the folder keeps its permissions
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest, "old"), dir=dest.parent))
         os.rmdir(old)
         os.rename(dest, old)
         os.rename(tmp, dest)
