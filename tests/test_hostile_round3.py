@@ -1,6 +1,8 @@
 """Round 3 of hostile and unlucky inputs (issue 23, part 8): each ends in one clear line and loses nothing."""
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 from checkpoints import hf_folder
@@ -332,3 +334,74 @@ def test_a_run_folder_another_run_uses_is_refused(tmp_path, hold_lock):
     prepare_run_folder(tmp_path / "run", ("log.jsonl",), resume=False, overwrite=False, option="out")
     release_folder(tmp_path / "run")
     assert [p.name for p in checkpoints.iterdir()] == [f".step_000002.tmp-{os.getpid()}-x"]
+
+
+# --- adapter folders: every field checked, weights finite ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    (root / "data").mkdir()
+    (root / "data" / "train.jsonl").write_text('{"text": "To be or not to be"}\n' * 4)
+    args = ["lora", "--model", DEMO_DIR, "--data", root / "data", "--iters", "1", "--batch-size", "1"]
+    assert run(*args, "--adapter-path", root / "ad").exit_code == 0
+    return root / "ad"
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / "ad"))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("rank", 2**40, "rank must be a whole number from 1 to 4096"),
+        ("rank", True, "rank must be a whole number"),
+        ("dropout", 5.0, "dropout must be a number from 0"),
+        ("scale", float("nan"), "scale must be a finite"),
+        ("scale", 1e308, "scale must be a finite"),
+        ("scale", "2", "scale must be a finite"),
+        ("keys", ["attn.nothing"], "keys must be a list of module keys"),
+    ],
+)
+def test_adapter_config_fields_are_checked(adapters, tmp_path, field, value, message):
+    folder = _copy(adapters, tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["lora_parameters"][field] = value
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    one_error(
+        run("generate", "--adapter-path", folder, "--prompt", "x", "--max-tokens", "2"), "adapter_config.json", message
+    )
+    one_error(run("fuse", "--model", DEMO_DIR, "--adapter-path", folder, "-o", tmp_path / "f"), message)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_adapters_are_refused_by_generate_and_fuse_alike(adapters, tmp_path, bad):
+    import mlx.core as mx
+
+    folder = _copy(adapters, tmp_path)
+    weights = mx.load(str(folder / "adapters.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = mx.full(weights[name].shape, bad, weights[name].dtype)
+    mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
+    for args in (
+        ["generate", "--adapter-path", folder, "--prompt", "x", "--max-tokens", "2"],
+        ["fuse", "--model", DEMO_DIR, "--adapter-path", folder, "-o", tmp_path / "f"],
+    ):
+        one_error(run(*args), "adapters.safetensors", name, "NaN or infinite")
+    assert not (tmp_path / "f").exists()
+
+
+def test_fuse_of_adapters_that_overflow_says_so_not_differ_by_nan(adapters, tmp_path):
+    import mlx.core as mx
+
+    folder = _copy(adapters, tmp_path)
+    weights = mx.load(str(folder / "adapters.safetensors"))
+    weights = {k: mx.full(v.shape, 1e30, v.dtype) for k, v in weights.items()}  # finite, but the update overflows
+    mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
+    result = run("fuse", "--model", DEMO_DIR, "--adapter-path", folder, "-o", tmp_path / "f")
+    one_error(result, "logits are NaN or infinite", "unusable")
+    assert "differ by nan" not in result.output
