@@ -270,6 +270,16 @@ def convert(
 
 def _source_config(source: Source, arch: str | None, arch_config: str | Path | None) -> OpenELMConfig:
     config = resolve_arch(arch, arch_config)
+    if config is not None and source.config is not None and config != source.config:
+        field = next(
+            f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(source.config, f.name)
+        )
+        mine, theirs = getattr(config, field), getattr(source.config, field)
+        raise OptionError(
+            "arch" if arch else "arch_config",
+            f"conflicts with {source.folder / 'config.json'}: {field} is {mine!r:.40} in the architecture given, "
+            f"{theirs!r:.40} in config.json; leave the architecture out to use config.json",
+        )
     if config is not None:
         return config
     if source.config is not None:

@@ -405,3 +405,40 @@ def test_fuse_of_adapters_that_overflow_says_so_not_differ_by_nan(adapters, tmp_
     result = run("fuse", "--model", DEMO_DIR, "--adapter-path", folder, "-o", tmp_path / "f")
     one_error(result, "logits are NaN or infinite", "unusable")
     assert "differ by nan" not in result.output
+
+
+# --- messages that say what is wrong with the input ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, message", [("folder", "a folder, not a file"), ("fifo", "a FIFO"), ("device", "a device")]
+)
+def test_a_data_file_that_is_no_file_says_what_it_is(tmp_path, kind, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    train = data / "train.jsonl"
+    {"folder": train.mkdir, "fifo": lambda: os.mkfifo(train), "device": lambda: train.symlink_to("/dev/null")}[kind]()
+    args = ["lora", "--model", DEMO_DIR, "--data", data, "--adapter-path", tmp_path / "a", "--iters", "1"]
+    one_error(run(*args), "train.jsonl", message)
+    if kind != "folder":  # perplexity reads folders of text files
+        one_error(run("perplexity", "--model", DEMO_DIR, "--data", train), message)
+
+
+def test_a_tokenizer_folder_without_one_and_a_model_without_one_get_fitting_advice(model_2048, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run("generate", "--model", DEMO_DIR, "--tokenizer", tmp_path / "empty", "--prompt", "x")
+    one_error(result, "empty: folder has no tokenizer.model")
+    assert "llama" not in result.output.lower()
+    result = run("generate", "--model", model_2048 / "mlx", "--prompt", "x")
+    one_error(result, "has no tokenizer.model", "2048-token vocabulary is not the LLaMA tokenizer's 32000")
+    assert "--tokenizer hf-internal-testing" not in result.output
+
+
+def test_convert_arch_against_a_config_json_names_the_conflict(model_2048, tmp_path):
+    one_error(
+        run("convert", model_2048 / "hf", "-o", tmp_path / "o", "--arch", "OpenELM-270M"),
+        "--arch: conflicts with",
+        "config.json",
+        "num_transformer_layers",
+    )
+    assert run("convert", model_2048 / "hf", "-o", tmp_path / "o").exit_code == 0

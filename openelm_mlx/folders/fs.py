@@ -69,15 +69,33 @@ def named_write_errors(dest: Path, what: str = "the output") -> Iterator[None]:
         raise WriteError(f"{dest}: could not write {what}: {reason}; nothing was changed") from None
 
 
-def require_regular_file(path: Path) -> Path:
-    """`path` if it is a regular file (symlinks followed); raise CheckpointError for FIFOs, devices, folders."""
+def entry_problem(path: Path) -> str | None:
+    """None when `path` is a regular file (symlinks followed); else what it is instead, e.g. "a FIFO"."""
     try:
         mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a symbolic link to nothing" if os.path.lexists(path) else "no such file"
     except OSError as e:
-        raise CheckpointError(f"{path}: {e.strerror.lower() if e.strerror else 'cannot be read'}") from None
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-        raise CheckpointError(f"{path}: {kind} (expected a file)")
+        return (e.strerror or "cannot be read").lower()
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    kind = next((name for test, name in kinds if test(mode)), "a special file")
+    return f"not a regular file ({kind})"
+
+
+def require_regular_file(path: Path) -> Path:
+    """`path` if it is a regular file (symlinks followed); raise CheckpointError for FIFOs, devices, folders."""
+    problem = entry_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     return path
 
 

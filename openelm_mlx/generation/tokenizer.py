@@ -19,6 +19,7 @@ from ..folders.fs import require_regular_file
 
 TOKENIZER_FILE = "tokenizer.model"
 LLAMA_TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
+LLAMA_VOCAB_SIZE = 32000  # its pieces: Apple's models' vocabulary
 EOS_TEXT = "</s>"
 # The zephyr-style template Apple's Instruct models were tuned with; `</s>` is the EOS token.
 CHAT_TEMPLATE_JINJA = (
@@ -214,10 +215,14 @@ def find_tokenizer(
     path = Path(tokenizer)
     if path.is_dir():
         path = path / TOKENIZER_FILE
+        if not path.exists():  # the user named this folder: no advice about other tokenizers fits
+            raise CheckpointError(
+                f"{tokenizer}: folder has no {TOKENIZER_FILE} (give the file, or a folder holding it)"
+            )
     elif not path.exists():
         path = _download_tokenizer(str(tokenizer))
     if not path.exists():
-        raise TokenizerNotFoundError(f"{path}: tokenizer file not found")
+        raise CheckpointError(f"{path}: tokenizer file not found")
     return Tokenizer(path, chat_template)  # refuses FIFOs and other special files, naming them
 
 
