@@ -442,3 +442,46 @@ def test_convert_arch_against_a_config_json_names_the_conflict(model_2048, tmp_p
         "num_transformer_layers",
     )
     assert run("convert", model_2048 / "hf", "-o", tmp_path / "o").exit_code == 0
+
+
+# --- mlx-lm's folders: the tokenizer.json its save writes is read ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_folder(tmp_path_factory):
+    """The bundled demo loaded and saved by mlx-lm's own code (as `mlx_lm fuse` does): tokenizer.json only."""
+    from mlx_lm.utils import load as mlx_lm_load
+    from mlx_lm.utils import save as mlx_lm_save
+
+    out = tmp_path_factory.mktemp("mlx_lm") / "saved"
+    model, tok = mlx_lm_load(str(DEMO_DIR))
+    config = json.loads((DEMO_DIR / "config.json").read_text())
+    mlx_lm_save(out, DEMO_DIR, model, tok, config)
+    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.model").exists()
+    return out
+
+
+def test_generate_reads_the_tokenizer_mlx_lm_writes(mlx_lm_folder):
+    from openelm_mlx.generation.tokenizer import Tokenizer
+
+    model, tok = load(mlx_lm_folder)
+    ours = Tokenizer(DEMO_DIR / "tokenizer.model")
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (ours.vocab_size, ours.bos_id, ours.eos_id)
+    for text in ["To be, or not to be: that is the question.\n\nWhy,  then", "naïve café 😀 中文", "a</s>b <s>"]:
+        assert tok.encode(text) == ours.encode(text)
+        assert tok.decode(ours.encode(text)) == ours.decode(ours.encode(text))
+    messages = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(messages) == ours.apply_chat_template(messages)
+    byte_pieces = ours.encode("😀", add_bos=False)
+    stream = tok.detokenizer()
+    assert "".join(stream.add_token(t) for t in byte_pieces) + stream.finalize() == "😀"
+    args = ["--prompt", "To be", "--max-tokens", "12", "--temp", "0"]
+    theirs, mine = run("generate", "--model", mlx_lm_folder, *args), run("generate", "--model", DEMO_DIR, *args)
+    assert theirs.exit_code == 0 and theirs.stdout == mine.stdout and len(mine.stdout.strip()) > 5, theirs.output
+
+
+def test_a_model_saved_with_a_tokenizer_json_keeps_it(mlx_lm_folder, tmp_path):
+    model, tok = load(mlx_lm_folder)
+    save(model, tmp_path / "again", tokenizer=tok)
+    assert (tmp_path / "again" / "tokenizer.json").is_file()
+    assert load(tmp_path / "again")[1].encode("To be") == tok.encode("To be")
