@@ -485,3 +485,24 @@ def test_a_model_saved_with_a_tokenizer_json_keeps_it(mlx_lm_folder, tmp_path):
     save(model, tmp_path / "again", tokenizer=tok)
     assert (tmp_path / "again" / "tokenizer.json").is_file()
     assert load(tmp_path / "again")[1].encode("To be") == tok.encode("To be")
+
+
+# --- defaults: every command that reads a model defaults to the bundled demo -----------------------------------------
+
+
+def test_every_command_that_reads_a_model_defaults_to_the_demo(adapters, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "To be or not to be"}\n' * 4)
+    commands = [
+        ["quantize", "-o", tmp_path / "q", "--bits", "8"],
+        ["export", "-o", tmp_path / "e"],
+        ["perplexity", "--data", data / "train.jsonl", "--seq-len", "8", "--num-samples", "2"],
+        ["bench", "-p", "8", "-g", "2", "--repeats", "1", "--compare", "none"],
+        ["lora", "--data", data, "--adapter-path", tmp_path / "a", "--iters", "1", "--batch-size", "1"],
+        ["fuse", "--adapter-path", adapters, "-o", tmp_path / "f"],
+    ]
+    for args in commands:
+        result = run(*args)
+        assert result.exit_code == 0 and "Using the openelm-mlx bundled demo" in result.output, (args, result.output)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["model"] == str(DEMO_DIR)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._app import app, user_errors
+from ._app import app, model_or_demo, user_errors
 
 
 def _tokenizer_for_cli(model: Any, tokenizer: str | None, folder: str | None) -> Any:
@@ -30,12 +30,12 @@ def _build_model(model: str | None, arch: str | None, arch_config: str | None, d
     from ..errors import OptionError
     from ..folders.arch import resolve_arch
 
-    if (model is None) == (arch is None and arch_config is None):
+    if model is not None and (arch is not None or arch_config is not None):
         raise OptionError("model", "give either --model or --arch (random weights)")
-    if model is not None:
+    if arch is None and arch_config is None:
         from ..folders.io import load_model
 
-        return load_model(model, dtype=dtype)
+        return load_model(model_or_demo(model), dtype=dtype)
     return random_model(resolve_arch(arch, arch_config), dtype or "float32", seed)
 
 
@@ -68,7 +68,9 @@ def _print_report(r: dict[str, Any]) -> None:
 
 @app.command()
 def bench(
-    model: Annotated[str | None, typer.Option(help="MLX model folder to benchmark.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="MLX model folder to benchmark (default: the bundled demo).")
+    ] = None,
     arch: Annotated[str | None, typer.Option(help="A released size with random weights, e.g. OpenELM-270M.")] = None,
     arch_config: Annotated[str | None, typer.Option(hidden=True, help="An architecture file (random weights).")] = None,
     dtype: Annotated[
@@ -95,6 +97,8 @@ def bench(
 
     with user_errors():
         b.check_options(prompt_tokens, gen_tokens, repeats, dtype or "float32")
+        if model is None and arch is None and arch_config is None:
+            model = model_or_demo(None)
         if json is not None:
             from ..folders.fs import check_output_file
 
