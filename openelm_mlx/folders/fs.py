@@ -27,7 +27,7 @@ OWNED_FILE = ".openelm-mlx-files.json"
 WEIGHT_PATTERN = "model*.safetensors"  # what loaders read as weights, so no stranger may stay beside ours
 WEIGHT_KINDS = ("model", "hf-model")
 log = logging.getLogger("openelm_mlx")
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
 
 
 class WriteError(OpenELMError):
