@@ -3,6 +3,8 @@
 A folder we write records the files it wrote in `OWNED_FILE`. Updating it builds the new folder
 beside it, swaps the two with renames, then carries over every entry we did not write. A run
 killed at any point is repaired (or its temporaries removed) the next time the same folder is written.
+One process writes a folder at a time (a `.NAME.lock` file beside it, flock'ed); temporaries carry their
+owner's process id and are removed only once it has gone. A full disk or a file-size limit is one WriteError.
 """
 
 from __future__ import annotations
