@@ -46,10 +46,12 @@ def run_with(lib, cache, *args, code=STATE, timeout="3"):
     return done, time.perf_counter() - tic
 
 
-@pytest.mark.parametrize("kind, reason", [("crash", "crashes when loaded or called (SIGSEGV)"), ("hang", "within 3 s")])
-def test_a_library_that_crashes_or_hangs_is_refused_once_and_remembered(fake_blas, tmp_path, kind, reason):
+@pytest.mark.parametrize(
+    "kind, timeout, reason", [("crash", "60", "crashes when loaded or called (SIGSEGV)"), ("hang", "1", "within 1 s")]
+)
+def test_a_library_that_crashes_or_hangs_is_refused_once_and_remembered(fake_blas, tmp_path, kind, timeout, reason):
     lib = fake_blas(kind)
-    done, _ = run_with(lib, tmp_path / "cache")
+    done, _ = run_with(lib, tmp_path / "cache", timeout=timeout)
     assert done.returncode == 0, done.stderr
     state = json.loads(done.stdout.strip().splitlines()[-1])
     assert state["path"] != lib and state["source"] != "env"
@@ -60,13 +62,13 @@ def test_a_library_that_crashes_or_hangs_is_refused_once_and_remembered(fake_bla
     keys = [k for k in cached if k.startswith(os.path.realpath(lib) + ":")]
     assert len(keys) == 1 and reason in cached[keys[0]]
     cache.write_text(json.dumps({keys[0]: "was refused before"}))
-    done, _ = run_with(lib, tmp_path / "cache")  # the cached verdict is used: no second probe
+    done, _ = run_with(lib, tmp_path / "cache", timeout=timeout)  # the cached verdict is used: no second probe
     assert done.returncode == 0 and "was refused before; not used" in done.stderr, done.stderr
 
 
 def test_help_loads_no_blas_even_a_broken_one(fake_blas, tmp_path):
     lib = fake_blas("hang")
-    for args in (["--help"], ["generate", "--help"], ["-h"]):
+    for args in (["--help"], ["generate", "-h"]):
         done, seconds = run_with(lib, tmp_path / "cache", *args, timeout="60")
         assert done.returncode == 0 and "Usage" in done.stdout and seconds < 30, done.stderr
     assert not (tmp_path / "cache" / "openelm-mlx").exists()  # nothing was probed
