@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from openelm_mlx.errors import CheckpointError, ConfigError, OptionError
 from openelm_mlx.folders.arch import resolve_arch
 from openelm_mlx.folders.fs import atomic_output_dir, check_output, require_regular_file
-from openelm_mlx.folders.hub import download
+from openelm_mlx.folders.hub import download, local_path
 from openelm_mlx.folders.io import check_tokenizer, dtype_name, load_model, model_config_dict, parse_dtype, read_config
 from openelm_mlx.folders.weights import (
     INDEX_FILE,
@@ -98,8 +98,8 @@ def _read_file(path: Path) -> dict[str, LazyTensor]:
 
 def open_source(src: str | Path) -> Source:
     """A local folder or file, or a Hub repo id (only the needed files are fetched)."""
-    path = Path(src)
-    if not path.exists():
+    path = local_path(src)
+    if path is None:
         path = download(str(src))
         if not any(path.glob("*.safetensors")):
             path = download(str(src), HF_BIN_FILES)
@@ -193,6 +193,13 @@ def _choose_vocab(
             raise OptionError("vocab_size", f"{vocab_size} is smaller than the tokenizer's {tok.vocab_size} pieces")
         return vocab_size
     if tok is not None and rows > tok.vocab_size:
+        if tok.vocab_size < config.vocab_size:  # rows past the config's vocabulary are padding; these are not
+            raise OptionError(
+                "vocab_size",
+                f"{tok.model_file} has {tok.vocab_size} pieces, fewer than the {config.vocab_size}-token vocabulary "
+                f"of the checkpoint ({rows} embedding rows): give the vocabulary size to cut the embedding to "
+                f"{tok.vocab_size} rows, or use the model's own tokenizer",
+            )
         return tok.vocab_size
     if rows != config.vocab_size:
         log.warning(
@@ -262,6 +269,16 @@ def convert(
 
 def _source_config(source: Source, arch: str | None, arch_config: str | Path | None) -> OpenELMConfig:
     config = resolve_arch(arch, arch_config)
+    if config is not None and source.config is not None and config != source.config:
+        field = next(
+            f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(source.config, f.name)
+        )
+        mine, theirs = getattr(config, field), getattr(source.config, field)
+        raise OptionError(
+            "arch" if arch else "arch_config",
+            f"conflicts with {source.folder / 'config.json'}: {field} is {mine!r:.40} in the architecture given, "
+            f"{theirs!r:.40} in config.json; leave the architecture out to use config.json",
+        )
     if config is not None:
         return config
     if source.config is not None:

@@ -11,7 +11,7 @@ import typer
 
 from ..bench.speed import DEFAULT_GEN_TOKENS, DEFAULT_PROMPT_TOKENS
 from ..quant.recipes import DEFAULT_GROUP_SIZE
-from ._app import app, user_errors
+from ._app import app, model_or_demo, user_errors
 
 
 def _tokenizer_for_cli(model: Any, tokenizer: str | None, folder: str | None) -> Any:
@@ -32,12 +32,12 @@ def _build_model(model: str | None, arch: str | None, arch_config: str | None, d
     from ..errors import OptionError
     from ..folders.arch import resolve_arch
 
-    if (model is None) == (arch is None and arch_config is None):
+    if model is not None and (arch is not None or arch_config is not None):
         raise OptionError("model", "give either --model or --arch (random weights)")
-    if model is not None:
+    if arch is None and arch_config is None:
         from ..folders.io import load_model
 
-        return load_model(model, dtype=dtype)
+        return load_model(model_or_demo(model), dtype=dtype)
     return random_model(resolve_arch(arch, arch_config), dtype or "float32", seed)
 
 
@@ -70,7 +70,9 @@ def _print_report(r: dict[str, Any]) -> None:
 
 @app.command()
 def bench(
-    model: Annotated[str | None, typer.Option(help="MLX model folder to benchmark.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="MLX model folder to benchmark (default: the bundled demo).")
+    ] = None,
     arch: Annotated[str | None, typer.Option(help="A released size with random weights, e.g. OpenELM-270M.")] = None,
     arch_config: Annotated[str | None, typer.Option(hidden=True, help="An architecture file (random weights).")] = None,
     dtype: Annotated[
@@ -107,10 +109,15 @@ def bench(
 
     with user_errors():
         b.check_options(prompt_tokens, gen_tokens, repeats, dtype or "float32")
+        if model is None and arch is None and arch_config is None:
+            model = model_or_demo(None)
         if json is not None:
             from ..folders.fs import check_output_file
 
-            check_output_file(json, force, option="json")
+            given = [p for p in (model, tokenizer, arch_config) if p]
+            check_output_file(
+                json, force, inputs=given, inputs_are="inputs of this command", what="results", option="json"
+            )
         elif force:
             raise OptionError("force", "takes effect only with --json")
         if compare not in ("mlx-lm", "none"):

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import OptionError
 from ..quant.run import RTN_SETTINGS, QuantizeOptions
-from ._app import app, user_errors
+from ._app import app, model_or_demo, user_errors
 
 _Q = {f.name: f for f in dataclasses.fields(QuantizeOptions) if f.name in RTN_SETTINGS}
 
@@ -92,8 +92,10 @@ def _quantize_options(settings: dict[str, Any]) -> QuantizeOptions:
 
 @app.command()
 def export(
-    src: Annotated[Path, typer.Argument(help="An MLX model folder (quantized models are dequantized).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output Hugging Face folder.")],
+    src: Annotated[
+        Path | None, typer.Argument(help="An MLX model folder (quantized ones are dequantized; default: the demo).")
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="float16, bfloat16 or float32 (default: the model's).")] = None,
     force: Annotated[
         bool, typer.Option(help="Write into a folder openelm-mlx did not create (only its own files are replaced).")
@@ -103,7 +105,7 @@ def export(
     from ..convert import export as run_export
 
     with user_errors():
-        report = run_export(src, output, dtype=dtype, force=force)
+        report = run_export(model_or_demo(src), output, dtype=dtype, force=force)
         typer.echo(
             f"wrote {report.output}: {report.tensors} tensors, {report.dtype}, "
             f"{report.bytes_on_disk / 1e6:.1f} MB in {report.seconds:.1f}s"

@@ -11,7 +11,7 @@ from ..bench import blas
 from ..errors import OptionError
 from ..folders.io import parse_dtype
 from ..generation.generate import GenerationConfig
-from ._app import app, read_stdin_text, settings_options, user_errors
+from ._app import app, model_or_demo, read_stdin_text, settings_options, user_errors
 
 ModelOpt = Annotated[str | None, typer.Option(help="MLX model folder or Hub repo id (default: the bundled demo).")]
 TokenizerOpt = Annotated[
@@ -47,19 +47,10 @@ def load_for_generation(
     draft model shares its tokenizer and is checked against it. A note on stderr follows a successful load where
     float32 would be much faster.
     """
-    from ..demo import DEMO_DIR, DEMO_NAME
     from ..folders.io import load
     from ..generation.generate import check_draft_model
 
-    if model is None:
-        typer.echo(
-            f"Using the {DEMO_NAME}. For a real model: openelm-mlx convert apple/OpenELM-270M-Instruct "
-            "--tokenizer hf-internal-testing/llama-tokenizer -o OpenELM-270M-Instruct, then "
-            "--model OpenELM-270M-Instruct.",
-            err=True,
-        )
-        model = str(DEMO_DIR)
-    m, tok = load(model, tokenizer=tokenizer, dtype=dtype)
+    m, tok = load(model_or_demo(model), tokenizer=tokenizer, dtype=dtype)
     if adapter_path is not None:
         from ..training.lora import load_adapters
 

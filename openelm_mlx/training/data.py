@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import DataError, OptionError
+from ..folders.fs import entry_problem
 from ..generation.template import check_message, split_replies
 from ..generation.tokenizer import valid_unicode
 
@@ -37,10 +38,9 @@ def data_files(paths: Sequence[str | Path]) -> list[Path]:
             files.extend(found)
         elif p.is_file():
             files.append(p)
-        elif p.exists():
-            raise DataError(f"{p}: not a regular file or folder")
         else:
-            raise DataError(f"{p}: no such file or folder")
+            problem = entry_problem(p)
+            raise DataError(f"{p}: {'no such file or folder' if problem == 'no such file' else problem}")
     return files
 
 
@@ -254,8 +254,8 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
     Raises:
         DataError: missing, empty or binary file; invalid JSON, missing keys or wrong types on line N.
     """
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    if (problem := entry_problem(path)) is not None:
+        raise DataError(f"{path}: {problem}")
     records = list(jsonl_lines(path, _read_text(path)))
     for where, record in records:
         check_record(record, where)
