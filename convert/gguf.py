@@ -350,8 +350,10 @@ class _Cursor:
             raw = self.take(count * size, what)
             return np.frombuffer(raw, dtype=np.dtype("<" + _SCALARS[item])).tolist()
         min_size = 8 if item == _STRING else 12  # a string's length field; an array's type and count
-        if item not in (_STRING, _ARRAY) or count > (len(self.buf) - self.pos) // min_size:
-            raise self.fail(what, f"an array of {count} items of type {item} cannot fit in the file")
+        if item not in (_STRING, _ARRAY):
+            raise self.fail(what, f"an array of unknown item type {item}")
+        if count > (len(self.buf) - self.pos) // min_size:
+            raise self.fail(what, f"an array of {count} items of type {item} runs past the end of the file")
         return [self.value(item, f"{what}[{i}]", depth + 1) for i in range(count)]
 
 

@@ -585,3 +585,15 @@ def _check_rebuilt(tok: Tokenizer, vocab, path: Path) -> None:
     for i, piece in enumerate(vocab.tokens):
         if sp.id_to_piece(i) != piece:
             raise TokenizerNotFoundError(f"{path}: token {i} ({piece[:40]!r}) did not survive the rebuild")
+
+
+def is_gguf(src: str | Path) -> bool:
+    """True when `src` is a regular file that starts with GGUF's magic bytes (its content decides, not its name)."""
+    path = Path(src)
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
