@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from helpers import random_model
 from mlx.utils import tree_flatten
+from openelm_mlx.convert.gguf import proto_from_vocab, vocab_from_proto
+from openelm_mlx.convert.pipeline import export_gguf, import_gguf
 from typer.testing import CliRunner
 
 import openelm_mlx.cli.convert  # noqa: F401  (registers `convert` and `export`)
 import openelm_mlx.cli.lora  # noqa: F401  (registers `fuse`)
-from openelm_mlx.convert.gguf import proto_from_vocab, vocab_from_proto
 from openelm_mlx.cli import app
-from openelm_mlx.convert.pipeline import export_gguf, import_gguf
 from openelm_mlx.demo import DEMO_DIR
-from openelm_mlx.errors import OptionError, TokenizerNotFoundError
+from openelm_mlx.errors import TokenizerNotFoundError
 from openelm_mlx.folders.io import load, load_model, save
 from openelm_mlx.generation.tokenizer import CHAT_TEMPLATE_JINJA, Tokenizer
 from openelm_mlx.model.config import OpenELMConfig
