@@ -502,7 +502,7 @@ def config_from_header(header: GGUFHeader, vocab_size: int, source: str) -> Open
     )
     fields["rope_max_length"] = 2 * fields["max_context_length"]  # Apple's ratio; RoPE needs no table here
     try:
-        config = _preset_match(fields) or OpenELMConfig.from_dict(fields)
+        config = _released_or(OpenELMConfig.from_dict(fields))
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     if list(config.intermediate_sizes) != widths:
@@ -510,39 +510,18 @@ def config_from_header(header: GGUFHeader, vocab_size: int, source: str) -> Open
     return config
 
 
-def _preset_match(fields: dict[str, Any]) -> OpenELMConfig | None:
-    """The released size with exactly these per-layer shapes, so config.json keeps Apple's multipliers."""
+_SHAPES = ("num_transformer_layers", "model_dim", "head_dim", "num_query_heads", "num_kv_heads", "intermediate_sizes")
+_KEPT = ("vocab_size", "max_context_length", "rope_max_length", "rope_freq_constant", "rms_norm_eps")
+
+
+def _released_or(config: OpenELMConfig) -> OpenELMConfig:
+    """The released size with these per-layer shapes (config.json keeps Apple's multipliers), else `config`."""
     for preset in PRESETS:
-        try:
-            config = OpenELMConfig.from_preset(
-                preset,
-                **{
-                    k: fields[k]
-                    for k in (
-                        "vocab_size",
-                        "max_context_length",
-                        "rope_freq_constant",
-                        "rms_norm_eps",
-                        "bos_token_id",
-                        "eos_token_id",
-                    )
-                },
-            )
-        except ValueError:
-            continue
-        same = (config.num_transformer_layers, config.model_dim, config.head_dim) == (
-            fields["num_transformer_layers"],
-            fields["model_dim"],
-            fields["head_dim"],
-        )
-        if (
-            same
-            and list(config.num_query_heads) == fields["num_query_heads"]
-            and list(config.num_kv_heads) == fields["num_kv_heads"]
-            and [round(m * config.model_dim) for m in fields["ffn_multipliers"]] == list(config.intermediate_sizes)
-        ):
-            return config
-    return None
+        kept = {k: getattr(config, k) for k in (*_KEPT, "bos_token_id", "eos_token_id")}
+        released = OpenELMConfig.from_preset(preset, **kept)
+        if all(getattr(released, k) == getattr(config, k) for k in _SHAPES):
+            return released
+    return config
 
 
 def vocab_from_header(header: GGUFHeader, source: str) -> Vocab:
