@@ -2,7 +2,6 @@
 import with a rebuilt tokenizer, hostile files refused in one line, and logits checked inside llama.cpp."""
 
 import json
-import math
 import shutil
 import struct
 from pathlib import Path
@@ -446,80 +445,49 @@ def test_fuse_writes_the_fused_model_as_gguf(tmp_path):
 
 
 def _llama(path: Path, n_ctx: int = 256):
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)"
-    )
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, seed=0)
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    from openelm_mlx.evaluate.llama_cpp import open_llama
 
-
-def _llama_logits(llm, tokens: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(tokens)
-    return np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    return open_llama(path, n_ctx, n_threads=2)
 
 
 @pytest.mark.parametrize("which", ["demo", "layerwise"])
 def test_llama_cpp_logits_match_ours_at_f32(which, layerwise, tmp_path):
+    from openelm_mlx.evaluate.llama_cpp import llama_logits
+
     folder = DEMO_DIR if which == "demo" else layerwise
     export_gguf(folder, tmp_path / "m.gguf", "f32")
     llm = _llama(tmp_path / "m.gguf")
     model, tok = load(folder)
-    tokens = tok.encode(
-        "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
-    )
-    if which == "demo":
-        assert llm.tokenize(b"ROMEO: But soft", add_bos=True) == tok.encode(
-            "ROMEO: But soft"
-        )  # the embedded vocabulary
+    text = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
+    tokens = tok.encode(text)
+    assert llm.tokenize(text.encode(), add_bos=True) == tokens  # the embedded vocabulary tokenizes as ours
     ours = np.array(model(mx.array([tokens]))[0].astype(mx.float32), dtype=np.float64)
-    theirs = _llama_logits(llm, tokens)
+    theirs = llama_logits(llm, tokens)
     assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(ours).max()
 
 
-def _greedy_llama(llm, prompt: list[int], n: int) -> list[int]:
-    out = []
-    llm.reset()
-    llm.eval(prompt)
-    for _ in range(n):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(token)
-        llm.eval([token])
-    return out
-
-
 def test_greedy_text_is_identical_in_llama_cpp(demo_f32):
+    from openelm_mlx.evaluate.llama_cpp import llama_greedy
     from openelm_mlx.generation.generate import generate
 
     llm = _llama(demo_f32)
     model, tok = load(DEMO_DIR)
-    prompt = "ROMEO:"
-    ours = generate(model, tok, prompt, max_tokens=32, temp=0.0)
-    theirs = _greedy_llama(llm, tok.encode(prompt), 32)
+    ours = generate(model, tok, "ROMEO:", max_tokens=32, temp=0.0)
+    theirs = llama_greedy(llm, tok.encode("ROMEO:"), 32)
     assert len(theirs) == 32 and ours == tok.decode(theirs)
-    assert llm.detokenize(theirs).decode("utf-8", "replace").strip() == ours.strip()
+    assert llm.detokenize(theirs).decode("utf-8", "replace").strip() == ours.strip()  # llama.cpp's own text
 
 
-def llama_cpp_perplexity(llm, windows: np.ndarray) -> float:
-    """Perplexity through llama.cpp on `make_windows` windows (BOS + seq_len scored tokens each)."""
-    total, count = 0.0, 0
-    for window in windows.tolist():
-        logits = _llama_logits(llm, window)[:-1]
-        logp = logits - logits.max(axis=1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-        total -= logp[np.arange(len(window) - 1), window[1:]].sum()
-        count += len(window) - 1
-    return math.exp(total / count)
-
-
-def test_llama_cpp_perplexity_matches_ours_at_f32(demo_f32, shakespeare_path, tmp_path):
-    from openelm_mlx.evaluate.perplexity import make_windows, perplexity, read_tokens
+def test_llama_cpp_perplexity_matches_ours_at_f32(demo_f32, shakespeare_path):
+    from openelm_mlx.evaluate.llama_cpp import llama_perplexity
+    from openelm_mlx.evaluate.perplexity import make_windows, perplexity
 
     llm = _llama(demo_f32, n_ctx=512)
     model, tok = load(DEMO_DIR)
-    held_out = tmp_path / "held_out.txt"
     text = shakespeare_path.read_text(encoding="utf-8")
-    held_out.write_text(text[-len(text) // 20 :][:12000])  # the demo's held-out 5%, a slice
-    windows = make_windows(read_tokens(tok, [held_out]), 256, tok.bos_id)
+    held_out = text[int(len(text) * 0.95) :]  # the demo's held-out 5%
+    windows = make_windows(tok.encode(held_out, add_bos=False), 256, tok.bos_id, num_samples=4)
     ours = perplexity(model, windows).perplexity
-    theirs = llama_cpp_perplexity(llm, np.array(windows))
+    theirs = llama_perplexity(llm, windows).perplexity
     assert abs(theirs - ours) <= 0.01 * ours, (ours, theirs)

@@ -1,0 +1,58 @@
+"""Scores from inside llama.cpp (through the `llama-cpp-python` binding) for a GGUF file, on token ids:
+logits, perplexity on `make_windows` windows, and greedy decoding; to check an export against our model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import OptionError
+from .perplexity import Perplexity
+
+
+def open_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None) -> Any:
+    """A `llama_cpp.Llama` on `path` that keeps every position's logits (quiet: no llama.cpp log).
+
+    Raises:
+        OptionError: llama-cpp-python is not installed.
+    """
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise OptionError("llama_cpp", "needs llama-cpp-python: pip install llama-cpp-python") from None
+    return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=n_threads, seed=0)
+
+
+def llama_logits(llm: Any, tokens: list[int]) -> np.ndarray:
+    """llama.cpp's logits (L, vocab) for `tokens` from an empty context, as float64."""
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)], dtype=np.float64)
+
+
+def llama_perplexity(llm: Any, windows: Any) -> Perplexity:
+    """Perplexity through llama.cpp on `make_windows` windows (BOS, then seq_len scored tokens each)."""
+    total, count = 0.0, 0
+    windows = np.asarray(windows).tolist()
+    for window in windows:
+        logits = llama_logits(llm, window)[:-1]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        total -= logp[np.arange(len(window) - 1), window[1:]].sum()
+        count += len(window) - 1
+    nll = total / count
+    return Perplexity(math.exp(nll) if nll < 700 else math.inf, nll, count, len(windows))
+
+
+def llama_greedy(llm: Any, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy (argmax) continuation of `prompt` by llama.cpp, `max_tokens` ids."""
+    out: list[int] = []
+    llm.reset()
+    llm.eval(prompt)
+    for _ in range(max_tokens):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
