@@ -26,6 +26,7 @@ MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 256  # llama.cpp allows 64 bytes; a little slack, never megabytes
+MAX_KEY = 65536
 MAX_DEPTH = 2  # arrays of arrays at most (no OpenELM key uses even that)
 
 # GGUF tensor name -> MLX name. `proj_1` is stored split in llama.cpp, so its two halves have names
@@ -327,8 +328,10 @@ class _Cursor:
     def scalar(self, fmt: str, what: str) -> Any:
         return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt), what))[0]
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int | None = None) -> str:
         length = self.scalar("Q", what)
+        if limit is not None and length > limit:
+            raise self.fail(what, f"is {length} bytes long (at most {limit})")
         raw = self.take(length, f"{what} (a string of {length} bytes)")
         try:
             return str(raw, "utf-8")
@@ -379,7 +382,7 @@ def parse_header(buf: memoryview, source: str) -> GGUFHeader:
         raise CheckpointError(f"{source}: claims {n_tensors} tensors, more than its {len(buf)} bytes can describe")
     header = GGUFHeader()
     for i in range(n_kv):
-        key = cur.string(f"metadata entry {i} key")
+        key = cur.string(f"metadata entry {i} key", MAX_KEY)
         if key in header.metadata:
             raise CheckpointError(f"{source}: metadata key {key[:80]!r} appears twice")
         header.metadata[key] = cur.value(cur.scalar("I", f"metadata {key[:80]!r} type"), f"metadata {key[:80]!r}")
@@ -403,9 +406,7 @@ def parse_header(buf: memoryview, source: str) -> GGUFHeader:
 
 
 def _tensor_info(cur: _Cursor, i: int, gguf: Any) -> tuple[str, tuple[int, ...], str, int, int]:
-    name = cur.string(f"tensor {i} name")
-    if len(name) > MAX_NAME:
-        raise cur.fail(f"tensor {i}", f"name of {len(name)} characters is too long")
+    name = cur.string(f"tensor {i} name", MAX_NAME)
     n_dims = cur.scalar("I", f"tensor {name!r} dims")
     if not 1 <= n_dims <= MAX_DIMS:
         raise cur.fail(f"tensor {name!r}", f"has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")

@@ -339,7 +339,13 @@ def _tensor_offset_at(data: bytearray, name: bytes) -> int:
 
 HOSTILE = {
     "claims 10^9 tensors": (lambda d: d.__setitem__(slice(8, 16), struct.pack("<Q", 10**9)), "1000000000 tensors"),
-    "a key string past the end": (lambda d: d.__setitem__(slice(24, 32), struct.pack("<Q", 2**40)), "past the end"),
+    "a key string past the end": (lambda d: d.__setitem__(slice(24, 32), struct.pack("<Q", 2**40)), "at most 65536"),
+    "a value string past the end": (
+        lambda d: d.__setitem__(
+            slice(*(lambda a: (a + 4, a + 12))(_key_value_at(d, b"general.name"))), struct.pack("<Q", 2**40)
+        ),
+        "past the end",
+    ),
     "an array whose item type lies": (
         lambda d: d.__setitem__(
             slice(*(lambda a: (a + 4, a + 8))(_key_value_at(d, b"tokenizer.ggml.tokens"))), struct.pack("<I", 77)
