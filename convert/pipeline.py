@@ -402,8 +402,8 @@ def export_gguf(
             vocab.scores.append(-1000.0)
             vocab.types.append(5)
     vocab.chat_template = CHAT_TEMPLATE_JINJA if tok.chat_template else None
-    meta = gguf_metadata(model.config, vocab, name or src.name, outtype)
-    base = "f32" if OUTTYPES[outtype][0] in NEEDS_LLAMA_CPP else outtype
+    base = "f32" if OUTTYPES[outtype][0] in NEEDS_LLAMA_CPP else outtype  # llama.cpp quantizes from f32
+    meta = gguf_metadata(model.config, vocab, name or src.name, base)
     types, notes = choose_types(tensors, base)
     report = GGUFReport(dst, len(tensors), 0, 0.0, outtype, dequantized)
     with atomic_output_file(dst) as tmp:
@@ -430,7 +430,6 @@ def _write_gguf(path: Path, meta: list, tensors: dict[str, np.ndarray], types: d
         qtype = types[name]
         raw = None if qtype in ("F32", "F16") else gguf.GGMLQuantizationType[qtype]
         writer.add_tensor(name, encode_tensor(array, qtype), raw_dtype=raw)
-        tensors[name] = None  # the writer holds the encoded copy; let the float one go
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
