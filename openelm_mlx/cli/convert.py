@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -111,6 +112,7 @@ def export(
         if format not in ("hf", "gguf"):
             raise OptionError("format", f"must be hf or gguf, got {format!r}")
         if format == "gguf":
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its quantizer logs every tensor
             if dtype is not None:
                 raise OptionError("dtype", "applies to --format hf; use --outtype for gguf")
             echo_gguf_report(export_gguf(src, output, outtype or "f16", force=force))

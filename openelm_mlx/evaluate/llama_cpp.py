@@ -13,17 +13,33 @@ from ..errors import OptionError
 from .perplexity import Perplexity
 
 
-def open_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None) -> Any:
+def open_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None, repack: bool = False) -> Any:
     """A `llama_cpp.Llama` on `path` that keeps every position's logits (quiet: no llama.cpp log).
+
+    `repack=False` turns off llama.cpp's extra CPU buffer types (weight repacking, `--no-repack` in
+    llama-cli): with them, llama-cpp-python 0.3.36's Intel AMX kernels crash (SIGSEGV in
+    `ggml_backend_amx_mul_mat`) on quantized OpenELM weights, its own quantizer's output included.
 
     Raises:
         OptionError: llama-cpp-python is not installed.
     """
     try:
+        import llama_cpp.llama_cpp as api
         from llama_cpp import Llama
     except ImportError:
         raise OptionError("llama_cpp", "needs llama-cpp-python: pip install llama-cpp-python") from None
-    return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=n_threads, seed=0)
+    defaults = api.llama_model_default_params
+
+    def params() -> Any:
+        p = defaults()
+        p.use_extra_bufts = repack
+        return p
+
+    api.llama_model_default_params = params  # Llama() takes no such option; restored once it is built
+    try:
+        return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=n_threads, seed=0)
+    finally:
+        api.llama_model_default_params = defaults
 
 
 def llama_logits(llm: Any, tokens: list[int]) -> np.ndarray:
