@@ -470,7 +470,7 @@ def test_llama_cpp_logits_match_ours_at_f32(which, layerwise, tmp_path):
     assert llm.tokenize(text.encode(), add_bos=True) == tokens  # the embedded vocabulary tokenizes as ours
     ours = np.array(model(mx.array([tokens]))[0].astype(mx.float32), dtype=np.float64)
     theirs = llama_logits(llm, tokens)
-    assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(ours).max()
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(ours).max()  # ~1e-6 measured (float32 KV cache)
 
 
 def test_greedy_text_is_identical_in_llama_cpp(demo_f32):

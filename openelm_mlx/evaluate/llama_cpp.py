@@ -37,7 +37,16 @@ def open_llama(path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
 
     api.llama_model_default_params = params  # Llama() takes no such option; restored once it is built
     try:
-        return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=n_threads, seed=0)
+        return Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            logits_all=True,
+            verbose=False,
+            n_threads=n_threads,
+            seed=0,
+            type_k=0,
+            type_v=0,
+        )  # a float32 KV cache (GGML type 0), as ours
     finally:
         api.llama_model_default_params = defaults
 
