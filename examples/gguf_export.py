@@ -16,6 +16,8 @@ from openelm_mlx.convert import export_gguf, import_gguf
 
 from openelm_mlx import load
 from openelm_mlx.demo import DEMO_DIR
+from openelm_mlx.errors import OptionError
+from openelm_mlx.evaluate.llama_cpp import llama_greedy, open_llama
 from openelm_mlx.generation.generate import generate
 
 args = sys.argv[1:]
@@ -37,10 +39,8 @@ print(f"round trip: logits within {np.abs(a - b).max() / np.abs(a).max():.1e} re
 prompt = "ROMEO:"
 print("ours:      ", repr(generate(model, tok, prompt, max_tokens=24, temp=0.0)))
 try:
-    from llama_cpp import Llama
-except ImportError:
-    print("llama.cpp: not installed (pip install llama-cpp-python) - skipped")
+    llm = open_llama(work / "model.gguf", n_ctx=256)  # weight repacking off: see its docstring
+except OptionError as e:
+    print(f"llama.cpp: skipped ({e})")
     sys.exit()
-llm = Llama(model_path=str(work / "model.gguf"), n_ctx=256, verbose=False)
-out = llm.create_completion(prompt, max_tokens=24, temperature=0.0, top_k=1)
-print("llama.cpp: ", repr(out["choices"][0]["text"]))
+print("llama.cpp: ", repr(tok.decode(llama_greedy(llm, tok.encode(prompt), 24))))
