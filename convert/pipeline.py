@@ -390,6 +390,7 @@ def export_gguf(
         _llama_cpp(outtype)
     model = load_model(src, lazy=True)
     tok = find_tokenizer(src, None, None)
+    check_tokenizer(tok, model.config)  # more pieces than embedding rows: names the tokenizer file
     dequantized = any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters()))
     if dequantized:
         model = dequantize_model(model)
