@@ -1,5 +1,5 @@
-"""Checkpoint conversion: Hugging Face and CoreNet checkpoints to MLX, and MLX back to Hugging Face."""
+"""Checkpoint conversion: Hugging Face, CoreNet and GGUF checkpoints to MLX, and MLX back to Hugging Face or GGUF."""
 
-from .pipeline import Report, convert, export, open_source
+from .pipeline import Report, convert, export, export_gguf, import_gguf, open_source
 
-__all__ = ["Report", "convert", "export", "open_source"]
+__all__ = ["Report", "convert", "export", "export_gguf", "import_gguf", "open_source"]

@@ -10,17 +10,26 @@ import dataclasses
 import json
 import logging
 import math
+import mmap
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
-from openelm_mlx.errors import CheckpointError, ConfigError, OptionError
+from openelm_mlx.errors import CheckpointError, ConfigError, OptionError, TokenizerNotFoundError
 from openelm_mlx.folders.arch import resolve_arch
-from openelm_mlx.folders.fs import atomic_output_dir, check_output, require_regular_file
+from openelm_mlx.folders.fs import (
+    atomic_output_dir,
+    atomic_output_file,
+    check_output,
+    check_output_file,
+    require_regular_file,
+)
 from openelm_mlx.folders.hub import download, local_path
 from openelm_mlx.folders.io import check_tokenizer, dtype_name, load_model, model_config_dict, parse_dtype, read_config
 from openelm_mlx.folders.weights import (
@@ -32,6 +41,7 @@ from openelm_mlx.folders.weights import (
     write_shards,
     write_weights,
 )
+from openelm_mlx.generation.template import JINJA
 from openelm_mlx.generation.tokenizer import TOKENIZER_FILE, Tokenizer, find_tokenizer, uses_chat_template
 from openelm_mlx.model.config import FLOAT16_OVERFLOW, OpenELMConfig
 from openelm_mlx.model.decoder import Model
@@ -339,3 +349,262 @@ def export(
                 shutil.copyfile(src / name, tmp / name)
         size = sum(f.stat().st_size for f in tmp.iterdir())
     return Report(Path(dst), len(hf), size, time.perf_counter() - tic, out_dtype)
+
+
+# --- GGUF (llama.cpp) ------------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFReport:
+    output: Path
+    tensors: int
+    bytes_on_disk: int
+    seconds: float
+    outtype: str
+    dequantized: bool = False
+    notes: list[str] = dataclasses.field(default_factory=list)  # per-tensor fallbacks, never silent
+    types: dict[str, int] = dataclasses.field(default_factory=dict)  # GGML type -> tensor count
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise OptionError("format", "gguf needs the `gguf` package: pip install 'gguf>=0.17'") from None
+
+
+def export_gguf(
+    src: str | Path, dst: str | Path, outtype: str = "f16", force: bool = False, name: str | None = None
+) -> GGUFReport:
+    """Write an MLX model folder as one GGUF file in llama.cpp's `openelm` layout, tokenizer embedded.
+
+    A quantized model is dequantized first (the report says so). f32/f16/bf16/q8_0/q4_0 are written
+    with the gguf package; q4_k_m and q6_k need llama.cpp's quantizer (`llama-cpp-python`).
+
+    Raises:
+        OptionError: unknown `outtype`, or an output file that would replace something (see
+            `check_output_file`). TokenizerNotFoundError: the folder has no tokenizer.model.
+        CheckpointError: a model llama.cpp cannot run, or a tokenizer it cannot take.
+    """
+    from mlx_lm.utils import dequantize_model
+
+    from .gguf import NEEDS_LLAMA_CPP, OUTTYPES, choose_types, gguf_metadata, gguf_tensors, vocab_from_proto
+
+    tic = time.perf_counter()
+    if outtype not in OUTTYPES:
+        raise OptionError("outtype", f"must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    _require_gguf()
+    src = Path(src)
+    inputs = sorted(src.iterdir()) if src.is_dir() else [src]
+    dst = check_output_file(dst, force, inputs, "model's files", "GGUF file")
+    if OUTTYPES[outtype][0] in NEEDS_LLAMA_CPP:
+        _llama_cpp(outtype)
+    model = load_model(src, lazy=True)
+    tok = find_tokenizer(src, None, None)
+    check_tokenizer(tok, model.config)  # more pieces than embedding rows: names the tokenizer file
+    dequantized = any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters()))
+    if dequantized:
+        model = dequantize_model(model)
+    weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    tensors = gguf_tensors(weights, model.config, str(src))
+    vocab = vocab_from_proto(tok.model_file.read_bytes(), str(tok.model_file))
+    if tok.vocab_size < model.config.vocab_size:  # padded embedding rows: unused pieces, as llama.cpp's converter
+        for i in range(tok.vocab_size, model.config.vocab_size):
+            vocab.tokens.append(f"[PAD{i}]")
+            vocab.scores.append(-1000.0)
+            vocab.types.append(5)
+    vocab.chat_template = JINJA if tok.chat_template else None
+    base = "f32" if OUTTYPES[outtype][0] in NEEDS_LLAMA_CPP else outtype  # llama.cpp quantizes from f32
+    meta = gguf_metadata(model.config, vocab, name or src.name, base)
+    types, notes = choose_types(tensors, base)
+    report = GGUFReport(dst, len(tensors), 0, 0.0, outtype, dequantized)
+    with atomic_output_file(dst) as tmp:
+        _write_gguf(tmp, meta, tensors, types)
+        if base != outtype:
+            _quantize_with_llama_cpp(tmp, outtype)
+        report.types, report.notes = _read_back_types(tmp, outtype, notes)
+    report.bytes_on_disk = dst.stat().st_size
+    report.seconds = time.perf_counter() - tic
+    return report
+
+
+def _write_gguf(path: Path, meta: list, tensors: dict[str, np.ndarray], types: dict[str, str]) -> None:
+    import gguf
+
+    from .gguf import encode_tensor
+
+    writer = gguf.GGUFWriter(path, meta[0][1])  # the architecture
+    for key, value, kind in meta[1:]:
+        item = kind.split(":")
+        sub = gguf.GGUFValueType[item[1]] if len(item) == 2 else None
+        writer.add_key_value(key, value, gguf.GGUFValueType[item[0]], sub_type=sub)
+    for name, array in tensors.items():
+        qtype = types[name]
+        raw = None if qtype in ("F32", "F16") else gguf.GGMLQuantizationType[qtype]
+        writer.add_tensor(name, encode_tensor(array, qtype), raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _llama_cpp(outtype: str):
+    try:
+        import llama_cpp
+    except ImportError:
+        raise OptionError(
+            "outtype",
+            f"{outtype} needs llama.cpp's quantizer (the gguf package cannot write K-quants): pip install "
+            "llama-cpp-python, or export f16 and run llama-quantize",
+        ) from None
+    return llama_cpp
+
+
+def _quantize_with_llama_cpp(path: Path, outtype: str) -> None:
+    """Re-quantize the f32 file at `path` in place with llama.cpp's own quantizer (K-quant mixes)."""
+    from .gguf import OUTTYPES
+
+    llama_cpp = _llama_cpp(outtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = OUTTYPES[outtype][1]
+    out = path.with_name(path.name + ".q")
+    try:
+        if llama_cpp.llama_model_quantize(str(path).encode(), str(out).encode(), params) != 0:
+            raise CheckpointError(f"{path}: llama.cpp could not quantize to {outtype}")
+        os.replace(out, path)
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def _read_back_types(path: Path, outtype: str, notes: list[str]) -> tuple[dict[str, int], list[str]]:
+    """Tensor count per GGML type in the written file, and the fallbacks: the gguf package's choice
+    (`notes`) or, after llama.cpp's quantizer, every 2-D tensor it did not write as the asked type."""
+    from .gguf import OUTTYPES
+
+    header = read_gguf_header(path)
+    counts: dict[str, int] = {}
+    for t in header.tensors.values():
+        counts[t.qtype] = counts.get(t.qtype, 0) + 1
+    want = OUTTYPES[outtype][0]
+    if want in ("Q4_K", "Q6_K"):
+        notes = [
+            f"{t.name}: written by llama.cpp as {t.qtype}"
+            + (f" (width {t.shape[-1]} is not a multiple of 256)" if t.shape[-1] % 256 else " (its K-quant mix)")
+            for t in header.tensors.values()
+            if len(t.shape) > 1 and t.qtype != want
+        ]
+    return counts, notes
+
+
+def read_gguf_header(path: str | Path):
+    """A GGUF file's metadata and tensor directory, validated against the file's real size."""
+    from .gguf import parse_header
+
+    _require_gguf()
+    path = require_regular_file(Path(path))
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise CheckpointError(f"{path}: empty file (not GGUF)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                return parse_header(view, str(path))
+            finally:
+                view.release()
+
+
+def _gguf_lazy(path: Path, header) -> dict[str, LazyTensor]:
+    from .gguf import decode_tensor
+
+    out = {}
+    for name, t in header.tensors.items():
+        dtype = {"F16": "float16", "BF16": "bfloat16"}.get(t.qtype, "float32")
+
+        def load(t=t) -> np.ndarray:
+            raw = np.array(np.memmap(path, dtype=np.uint8, mode="r", offset=t.start, shape=(t.nbytes,)))
+            return np.ascontiguousarray(decode_tensor(raw, t))
+
+        out[name] = LazyTensor(t.shape, dtype, load, str(path))
+    return out
+
+
+def import_gguf(
+    src: str | Path,
+    dst: str | Path,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    force: bool = False,
+    chat_template: bool | None = None,
+) -> Report:
+    """Convert a llama.cpp `openelm` GGUF into an MLX model folder (quantized tensors dequantized),
+    with a tokenizer.model rebuilt from the file's vocabulary (or `tokenizer`, when it cannot be exact).
+
+    Raises:
+        CheckpointError: another architecture (named), or a field, count, shape or offset that the
+            file's bytes contradict. TokenizerNotFoundError: the vocabulary cannot be rebuilt exactly.
+    """
+    from .gguf import config_from_header, mlx_state, proto_from_vocab, vocab_from_header
+
+    tic = time.perf_counter()
+    check_output(dst, force, "model", (src,))
+    path = Path(src)
+    header = read_gguf_header(path)
+    embedding = header.tensors.get("token_embd.weight")
+    if header.metadata.get("general.architecture") == "openelm" and embedding is None:
+        raise CheckpointError(f"{path}: missing tensor 'token_embd.weight'")
+    config = config_from_header(header, embedding.shape[0] if embedding else 1, str(path))
+    tensors = mlx_state(_gguf_lazy(path, header), str(path))
+    check_weights(Model(config), tensors, {n: path for n in tensors})
+    vocab = None
+    if tokenizer is None:
+        try:
+            vocab = vocab_from_header(header, str(path))
+            model_bytes = proto_from_vocab(vocab, str(path))
+        except CheckpointError as e:
+            raise TokenizerNotFoundError(f"{e}; give the tokenizer to use") from None
+    chat = chat_template if chat_template is not None else bool(vocab and vocab.chat_template)
+    quantized = any(t.qtype not in ("F32", "F16", "BF16") for t in header.tensors.values())
+    out_dtype = dtype or ("float32" if quantized else tensors["transformer.token_embeddings.weight"].dtype)
+    _choose_dtype(out_dtype, tensors, config, force)
+    report = Report(Path(dst), len(tensors), 0, 0.0, out_dtype)
+    with atomic_output_dir(dst, force=force, kind="model", inputs=(src,)) as tmp:
+        write_streaming(tmp, tensors, parse_dtype(out_dtype))
+        (tmp / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": out_dtype}, indent=2))
+        if vocab is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(model_bytes)
+            tok = Tokenizer(tmp / TOKENIZER_FILE, chat)
+            _check_rebuilt(tok, vocab, path)
+        else:
+            tok = find_tokenizer(Path("."), tokenizer, chat)
+        check_tokenizer(tok, config)
+        tok.save(tmp)
+        report.tokenizer = "rebuilt from the GGUF vocabulary" if vocab is not None else str(tok.model_file)
+        load_model(tmp, lazy=True)
+        report.bytes_on_disk = sum(f.stat().st_size for f in tmp.iterdir())
+    report.seconds = time.perf_counter() - tic
+    return report
+
+
+def _check_rebuilt(tok: Tokenizer, vocab, path: Path) -> None:
+    """The rebuilt model holds every GGUF piece at its id, with its type (SentencePiece may drop or merge some)."""
+    sp = tok.sp
+    if sp.get_piece_size() != len(vocab.tokens):
+        raise TokenizerNotFoundError(
+            f"{path}: the rebuilt tokenizer has {sp.get_piece_size()} pieces, not {len(vocab.tokens)}"
+        )
+    for i, piece in enumerate(vocab.tokens):
+        if sp.id_to_piece(i) != piece:
+            raise TokenizerNotFoundError(f"{path}: token {i} ({piece[:40]!r}) did not survive the rebuild")
+
+
+def is_gguf(src: str | Path) -> bool:
+    """True when `src` is a regular file that starts with GGUF's magic bytes (its content decides, not its name)."""
+    path = Path(src)
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False

@@ -70,3 +70,10 @@ def test_pretrain_example(shakespeare_path, tmp_path):
     small.write_text(shakespeare_path.read_text()[:200_000])
     out = _run(str(EXAMPLES / "pretrain.py"), str(small), str(tmp_path / "run"))
     assert "held-out loss" in out and (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_gguf_export_example():
+    out = _run(str(EXAMPLES / "gguf_export.py"), "--outtype", "q8_0")
+    assert "model.gguf" in out and "round trip: logits within" in out and "ours:" in out
+    lines = dict(line.split(":", 1) for line in out.splitlines() if line.startswith(("ours:", "llama.cpp:")))
+    assert "skipped" in lines["llama.cpp"] or lines["llama.cpp"].strip() == lines["ours"].strip()  # same greedy text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,8 +54,9 @@ def convert(
         typer.Option(help="Record the Instruct chat template (default: when the source is named -Instruct)."),
     ] = None,
 ) -> None:
-    """Convert a Hugging Face or CoreNet OpenELM checkpoint to MLX."""
+    """Convert a Hugging Face, CoreNet or GGUF (llama.cpp) OpenELM checkpoint to MLX."""
     from ..convert import convert as run_convert
+    from ..convert.pipeline import import_gguf, is_gguf
 
     with user_errors(tokenizer_option=True):
         q = {"bits": q_bits, "group_size": q_group_size, "recipe": q_recipe, "embedding_bits": q_embedding_bits}
@@ -62,6 +64,19 @@ def convert(
         given = [name for name, value in q.items() if value != _Q[name].default]
         if not quantize and given:
             raise OptionError(f"q_{given[0]}", "takes effect only with -q/--quantize")
+        if is_gguf(src):
+            unused = {"arch": arch, "arch_config": arch_config, "vocab_size": vocab_size, "quantize": quantize or None}
+            for name, value in unused.items():
+                if value is not None:
+                    raise OptionError(name, "does not apply to a GGUF file (it records its architecture)")
+            report = import_gguf(
+                src, output, dtype=dtype, tokenizer=tokenizer, force=force, chat_template=chat_template
+            )
+            typer.echo(
+                f"wrote {report.output}: {report.tensors} tensors, {report.dtype} (GGUF dequantized where quantized), "
+                f"tokenizer {report.tokenizer}, {report.bytes_on_disk / 1e6:.1f} MB in {report.seconds:.1f}s"
+            )
+            return
         report = run_convert(
             src,
             output,
@@ -92,21 +107,59 @@ def _quantize_options(settings: dict[str, Any]) -> QuantizeOptions:
 
 @app.command()
 def export(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output Hugging Face folder.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output Hugging Face folder, or .gguf file.")],
     src: Annotated[
         Path | None, typer.Argument(help="An MLX model folder (quantized ones are dequantized; default: the demo).")
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="float16, bfloat16 or float32 (default: the model's).")] = None,
+    format: Annotated[
+        str, typer.Option(help="hf (Apple's Hugging Face layout) or gguf (one file for llama.cpp / LM Studio).")
+    ] = "hf",
+    dtype: Annotated[str | None, typer.Option(help="hf: float16, bfloat16 or float32 (default: the model's).")] = None,
+    outtype: Annotated[
+        str | None,
+        typer.Option(
+            help="gguf: f32, f16 (default), bf16, q8_0, q4_0, q4_k_m or q6_k (K-quants need llama-cpp-python)."
+        ),
+    ] = None,
     force: Annotated[
-        bool, typer.Option(help="Write into a folder openelm-mlx did not create (only its own files are replaced).")
+        bool,
+        typer.Option(
+            help="Write into a folder openelm-mlx did not create (only its own files are replaced), or replace "
+            "an existing .gguf file."
+        ),
     ] = False,
 ) -> None:
-    """Export an MLX model back to a Hugging Face folder in Apple's format."""
+    """Export an MLX model to a Hugging Face folder in Apple's format, or to a GGUF file for llama.cpp."""
     from ..convert import export as run_export
+    from ..convert.pipeline import export_gguf
 
     with user_errors():
-        report = run_export(model_or_demo(src), output, dtype=dtype, force=force)
+        src = model_or_demo(src)
+        if format not in ("hf", "gguf"):
+            raise OptionError("format", f"must be hf or gguf, got {format!r}")
+        if format == "gguf":
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its quantizer logs every tensor
+            if dtype is not None:
+                raise OptionError("dtype", "applies to --format hf; use --outtype for gguf")
+            echo_gguf_report(export_gguf(src, output, outtype or "f16", force=force))
+            return
+        if outtype is not None:
+            raise OptionError("outtype", "applies to --format gguf")
+        report = run_export(src, output, dtype=dtype, force=force)
         typer.echo(
             f"wrote {report.output}: {report.tensors} tensors, {report.dtype}, "
             f"{report.bytes_on_disk / 1e6:.1f} MB in {report.seconds:.1f}s"
         )
+
+
+def echo_gguf_report(report) -> None:
+    """The GGUF export's notes (dequantized source, per-tensor fallbacks) on stderr, the result on stdout."""
+    if report.dequantized:
+        typer.echo("note: the model is quantized (MLX affine); dequantized to float before export", err=True)
+    for line in report.notes:
+        typer.echo(f"note: {line}", err=True)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(report.types.items()))
+    typer.echo(
+        f"wrote {report.output}: {report.tensors} tensors ({types}), {report.outtype}, "
+        f"{report.bytes_on_disk / 1e6:.1f} MB in {report.seconds:.1f}s"
+    )

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..errors import OptionError
 from ..training.lora import PAPER_RECIPE, LoraConfig
 from ._app import app, flag, model_or_demo, settings_options, user_errors
 
@@ -80,13 +81,28 @@ def fuse(
         str | None, typer.Option(help="tokenizer.model, a folder or Hub repo (default: the model's).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Write into an existing folder not written by openelm-mlx.")] = False,
+    export_gguf: Annotated[
+        Path | None, typer.Option(help="Also write the fused model as this GGUF file (llama.cpp / LM Studio).")
+    ] = None,
+    gguf_outtype: Annotated[str, typer.Option(help="With --export-gguf: f32, f16, bf16, q8_0, q4_0, ...")] = "f16",
 ) -> None:
     """Merge adapters into the model's weights; checks the fused logits against the adapted model's first."""
+    from ..convert.gguf import OUTTYPES
+    from ..folders.fs import check_output_file
     from ..training.lora import fuse_model
 
     with user_errors(tokenizer_option=True):
+        if export_gguf is not None:  # refused before the fuse, not after it
+            if gguf_outtype not in OUTTYPES:
+                raise OptionError("gguf_outtype", f"must be one of {', '.join(OUTTYPES)}, got {gguf_outtype!r}")
+            check_output_file(export_gguf, force, (), what="GGUF file", option="export_gguf")
         result = fuse_model(model_or_demo(model), adapter_path, output, dequantize, tokenizer, force)
         note = f"fused (logits within {result['fuse_error']:.1e} relative)"
         if "requantize_error" in result:
             note += f", quantized again ({result['requantize_error']:.1e} relative change from requantizing)"
         typer.echo(f"{note}; model saved in {output}", err=True)
+        if export_gguf is not None:
+            from ..convert.pipeline import export_gguf as write_gguf
+            from .convert import echo_gguf_report
+
+            echo_gguf_report(write_gguf(output, export_gguf, gguf_outtype, force=force))

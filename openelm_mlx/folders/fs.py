@@ -302,12 +302,20 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def write_file_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temporary file beside it and a rename: the old file or the new, never half."""
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; on success it is renamed onto `path`, on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
     try:
-        with named_write_errors(path, "the file"), os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with named_write_errors(path, "the file"):
+            yield Path(tmp)
         os.chmod(tmp, _umask_mode() & 0o666)  # mkstemp makes 0600; files follow the umask
         os.replace(tmp, path)
     except BaseException:
