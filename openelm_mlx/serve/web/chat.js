@@ -71,6 +71,7 @@
     current = null;
     conversation();
     renderAll();
+    document.body.classList.remove("show-sidebar");
     ui.input.focus();
   }
 
@@ -426,7 +427,8 @@
   $("delete-chat").addEventListener("click", deleteChat);
   $("export-chat").addEventListener("click", exportChat);
   $("toggle-settings").addEventListener("click", () => (ui.settings.hidden = !ui.settings.hidden));
-  $("toggle-sidebar").addEventListener("click", () => document.body.classList.toggle("show-sidebar"));
+  $("toggle-sidebar").addEventListener("click", () => document.body.classList.add("show-sidebar"));
+  $("close-sidebar").addEventListener("click", () => document.body.classList.remove("show-sidebar"));
   renderAll();
   checkServer();
   refreshLoad();
