@@ -237,6 +237,11 @@ def test_api_continues_a_final_assistant_message(server):
     assert part + rest["choices"][0]["message"]["content"] == whole
     closed = api_chat(url, [*asked, {"role": "assistant", "content": part}], max_tokens=15)
     assert part + closed["choices"][0]["message"]["content"] != whole  # without it the turn is closed
+    for value, bad in ((True, asked), ("yes", [*asked, {"role": "assistant", "content": part}])):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            api_chat(url, bad, max_tokens=2, continue_final_message=value)
+        message = json.loads(e.value.read())["error"]["message"]
+        assert e.value.code == 400 and message.startswith(("messages: ", "continue_final_message: ")), message
 
 
 # ---------------------------------------------------------------- in the browser
