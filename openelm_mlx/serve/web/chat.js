@@ -355,7 +355,8 @@
       const m = await r.json();
       ui.load.textContent = m.active + " generating, " + m.queued + " queued";
       ui.limits.textContent = "Server limits: max tokens \u2264 " + m.max_tokens_limit + ", context " +
-        m.context_length + " tokens (prompt + answer).";
+        m.context_length + " tokens (prompt + answer); temperature \u2265 0 (0: greedy), top-p in (0, 1], " +
+        "repetition penalty in (0, 100] (1: off).";
       ui.maxTokens.max = String(m.max_tokens_limit);
       if (Number(ui.maxTokens.value) > m.max_tokens_limit) ui.maxTokens.value = String(m.max_tokens_limit);
     } catch (e) {
@@ -432,7 +433,11 @@
   renderAll();
   checkServer();
   refreshLoad();
+  // Load is refreshed after each answer and now and then (not often: each call is a line in the access log).
   setInterval(() => {
+    if (!document.hidden && !running) refreshLoad();
+  }, 30000);
+  document.addEventListener("visibilitychange", () => {
     if (!document.hidden) refreshLoad();
-  }, 5000);
+  });
 })();
