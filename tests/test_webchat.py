@@ -398,7 +398,7 @@ def test_conversation_survives_reload_new_delete_export(browser, server, tmp_pat
 
     url, _ = server
     open_page(browser, url)
-    settings(browser, max_tokens=8)
+    settings(browser, temperature=0, max_tokens=8)  # greedy: the same answer each run
     by_id(browser, "input").send_keys("first line", Keys.SHIFT, Keys.ENTER, Keys.NULL, "second line")
     assert messages_or_none(browser) is None  # Shift+Enter did not send
     by_id(browser, "input").send_keys(Keys.ENTER)  # Enter did
@@ -441,6 +441,8 @@ def test_api_key_field(browser, keyed):
     browser.refresh()  # the key stays for the tab
     open_page(browser, keyed)
     assert by_id(browser, "api-key").get_attribute("value") == KEY
+    by_id(browser, "toggle-settings").click()
+    assert wait_for(lambda: by_id(browser, "api-key-row").is_displayed(), what="the key field after a reload")
 
 
 def test_phone_width_and_dark_theme(browser, server):
