@@ -364,11 +364,16 @@
     }
   }
 
+  // The model's name; the key field when the server wants a key (asked without one, so it stays shown).
   async function checkServer() {
     try {
-      const r = await fetch("v1/models", { headers: headers() });
+      let r = await fetch("v1/models");
       if (r.status === 401) {
         ui.keyRow.hidden = false;
+        if (!ui.key.value) ui.settings.hidden = false;
+        r = await fetch("v1/models", { headers: headers() });
+      }
+      if (r.status === 401) {
         ui.settings.hidden = false;
         if (ui.key.value) showError("the API key was refused");
         return;
