@@ -96,6 +96,15 @@ def test_chat_template_two_turns_with_system(tok):
     assert tok.decode(ids).replace(" ", "") == render_chat(messages).replace("</s>", "").replace(" ", "")
 
 
+def test_chat_template_continues_the_final_message(tok):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}]
+    assert render_chat(messages, continue_final_message=True) == "<|user|>\nHi</s>\n<|assistant|>\nHello, I am"
+    ids = tok.apply_chat_template(messages, continue_final_message=True)
+    assert ids == [1, *tok.encode_chat_text("<|user|>\nHi</s>\n<|assistant|>\nHello, I am")] and ids.count(2) == 1
+    with pytest.raises(OptionError, match="assistant"):
+        render_chat(messages[:1], continue_final_message=True)
+
+
 def test_streaming_never_breaks_utf8(tok):
     text = "Emoji 🦙🚀 and 中文字符 and Ελληνικά"
     ids = tok.encode(text, add_bos=False)

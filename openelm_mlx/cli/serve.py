@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Annotated, Any
 
@@ -80,11 +81,15 @@ def serve(
     prompt_cache_bytes: Annotated[
         int, typer.Option(help="Most bytes the prompt cache holds (at least one full-context prompt's KV cache).")
     ] = EngineSettings.prompt_cache_bytes,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level (warning hides the access log).")] = "info",
+    log_level: Annotated[
+        str, typer.Option(help="uvicorn log level (warning hides the access log; debug logs each request).")
+    ] = "info",
+    web: Annotated[bool, typer.Option("--web/--no-web", help="Serve the chat page at / (off: 404).")] = True,
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)
+    and a chat page at /.
 
-    Point any OpenAI client or chat front-end at http://HOST:PORT/v1. Ctrl-C (or SIGTERM) stops it.
+    Point a browser at http://HOST:PORT/, or any OpenAI client at http://HOST:PORT/v1. Ctrl-C (or SIGTERM) stops it.
     """
     with user_errors(tokenizer_option=True):
         check_range("port", port, 1, 65535, integer=True)
@@ -117,8 +122,16 @@ def serve(
         except BaseException:
             sock.close()
             raise
-        settings = ServeSettings(model_id=model or DEMO_ID, api_key=api_key, max_tokens_limit=max_tokens_limit)
+        settings = ServeSettings(model_id=model or DEMO_ID, api_key=api_key, max_tokens_limit=max_tokens_limit, web=web)
+        if log_level in ("debug", "trace"):  # each request's settings and prompt (serve/requests.py)
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s:    %(name)s: %(message)s"))
+            logger = logging.getLogger("openelm_mlx")
+            logger.addHandler(handler)
+            logger.setLevel(logging.DEBUG)
+            logger.propagate = False
         shown = f"[{host}]" if ":" in host else host
-        typer.echo(f"Serving {settings.model_id} at http://{shown}:{sock.getsockname()[1]}/v1", err=True)
+        base = f"http://{shown}:{sock.getsockname()[1]}"
+        typer.echo(f"Serving {settings.model_id} at {base}/v1" + (f", chat page at {base}/" if web else ""), err=True)
         run(Server(worker, settings), sock, log_level)
         typer.echo("Stopped.", err=True)

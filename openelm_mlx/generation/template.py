@@ -43,8 +43,19 @@ def render_turn(message: Message, index: int = 0) -> str:
     return f"<|{message['role']}|>\n{message['content']}{EOS_TEXT}{AFTER_EOS}"
 
 
-def render_chat(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """The Instruct prompt as text (BOS not included)."""
+def render_chat(
+    messages: Sequence[Message], add_generation_prompt: bool = True, continue_final_message: bool = False
+) -> str:
+    """The Instruct prompt as text (BOS not included).
+
+    With `continue_final_message` the last message, an assistant's, is left open (no EOS) for the model to go on
+    with it; `add_generation_prompt` is then ignored.
+    """
+    if continue_final_message:
+        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+            raise OptionError("messages", "to continue the final message, it must be an assistant's")
+        last = render_turn(messages[-1], len(messages) - 1).removesuffix(EOS_TEXT + AFTER_EOS)
+        return render_chat(messages[:-1], add_generation_prompt=False) + last
     text = "".join(render_turn(m, i) for i, m in enumerate(messages))
     return text + GENERATION_PROMPT if add_generation_prompt else text
 

@@ -111,10 +111,14 @@ class Tokenizer:
         return self.sp.decode(list(ids))
 
     def apply_chat_template(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True, add_bos: bool = True
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        add_bos: bool = True,
+        continue_final_message: bool = False,
     ) -> list[int]:
-        """Ids of the Instruct prompt: every `</s>` becomes the EOS id, never the text."""
-        ids = self.encode_chat_text(render_chat(messages, add_generation_prompt))
+        """Ids of the Instruct prompt: every `</s>` becomes the EOS id, never the text (see `render_chat`)."""
+        ids = self.encode_chat_text(render_chat(messages, add_generation_prompt, continue_final_message))
         return [self.bos_id, *ids] if add_bos else ids
 
     def encode_chat_text(self, text: str) -> list[int]:

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from ..errors import OpenELMError
 from .requests import APIError, GenRequest, ServeSettings, parse_request
+from .web import web_routes
 from .worker import Done, Event, Failed, Job, Piece, ShuttingDown, TokenLogprob, Worker
 
 log = logging.getLogger("openelm_mlx.serve.app")
@@ -152,6 +153,7 @@ class Server:
             Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
             Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
         ]
+        routes += web_routes() if settings.web else []  # the chat page at /
         handlers = {HTTPException: self._http_error}
         self.app = Starlette(routes=routes, exception_handlers=handlers, lifespan=self._lifespan)  # type: ignore[arg-type]
 

@@ -3,12 +3,15 @@ chat or completion JSON body into a checked GenRequest (prompt ids and a Generat
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import OptionError
 from ..generation.generate import GenerationConfig
 from ..generation.template import ROLES as TEMPLATE_ROLES
+
+log = logging.getLogger("openelm_mlx.serve.requests")
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TOP_LOGPROBS = 20
@@ -34,6 +37,7 @@ class ServeSettings:
     api_key: str | None = None
     max_tokens_limit: int = 4096
     max_body_bytes: int = MAX_BODY_BYTES
+    web: bool = True  # the chat page at /
 
     def default_max_tokens(self) -> int:
         return min(GenerationConfig.max_tokens, self.max_tokens_limit)
@@ -188,8 +192,11 @@ def parse_request(kind: str, body: Any, tokenizer: Any, model_config: Any, setti
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, f"messages: must be a non-empty list, got {_show(messages)}", param="messages")
+        # vLLM's and transformers' name: the last (assistant) message is continued rather than closed.
+        go_on = bool(_typed(body, "continue_final_message", (bool,), "a boolean"))
         try:
-            request.ids = tokenizer.apply_chat_template([_message(i, m) for i, m in enumerate(messages)])
+            parsed = [_message(i, m) for i, m in enumerate(messages)]
+            request.ids = tokenizer.apply_chat_template(parsed, continue_final_message=go_on)
         except OptionError as e:
             raise APIError(400, f"messages: {e.detail}", param="messages") from None
         request.logprobs = bool(_typed(body, "logprobs", (bool,), "a boolean"))
@@ -212,7 +219,15 @@ def parse_request(kind: str, body: Any, tokenizer: Any, model_config: Any, setti
     if len(request.ids) > limit:
         raise APIError(400, f"{prompt_field}: the prompt has {len(request.ids)} tokens, more than the model's "
                        f"context of {limit}", param=prompt_field, code="context_length_exceeded")  # fmt: skip
+    log.debug("%s request: %d prompt tokens, stream=%s, %s, %s", kind, len(request.ids), stream, config,
+              _show_prompt(body))  # fmt: skip
     return request
+
+
+def _show_prompt(body: dict[str, Any]) -> str:
+    """The prompt of a request, cut short, for the debug log."""
+    text = repr(body.get("messages", body.get("prompt")))
+    return text if len(text) <= 2000 else text[:2000] + "..."
 
 
 __all__ = ["APIError", "GenRequest", "ServeSettings", "parse_request"]
