@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import OptionError, check_range
+from ..errors import DataError, OptionError, check_range
 from ._app import app, user_errors
 from .generate import AdapterOpt, ModelOpt, TokenizerOpt, load_for_generation
 
@@ -77,6 +77,8 @@ def _check_options(
         raise OptionError("tasks", "names no task")
     if "cloze" in names and data is None:
         raise OptionError("data", "is needed by the cloze task: a plain text file")
+    if data is not None and not data.exists():
+        raise DataError(f"{data}: no such file")
     if data is not None and "cloze" not in names:
         raise OptionError("data", "takes effect only with the cloze task")
     if names == ["cloze"] and num_fewshot:

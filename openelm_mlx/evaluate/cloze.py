@@ -17,6 +17,7 @@ from .scoring import encode_pair, loglikelihood, mean_stderr
 
 CONTEXT_LINES = 4
 NUM_CHOICES = 4
+LINE_START = "\n"  # the context of the unconditional score in acc_mi
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,17 @@ class ClozeItem:
 
 @dataclass(frozen=True)
 class ClozeResult:
-    """Accuracy by summed log-likelihood (`acc`) and per character of the choice (`acc_norm`, lm-eval's rule)."""
+    """Accuracy by summed log-likelihood (`acc`), by log-likelihood per character of the choice (`acc_norm`,
+    lm-eval's rule), and by how much the context raises a choice's log-likelihood over the same line at a line
+    start (`acc_mi`, pointwise mutual information: it cancels how likely a line is anyway, which otherwise drowns
+    what a small model knows about the context)."""
 
     acc: float
     acc_stderr: float
     acc_norm: float
     acc_norm_stderr: float
+    acc_mi: float
+    acc_mi_stderr: float
     items: int
 
 
@@ -60,16 +66,38 @@ def make_cloze_items(
         targets = sorted(rng.sample(targets, limit))
     items = []
     for i in targets:
-        true = lines[i]
-        distractors: list[str] = []
-        while len(distractors) < NUM_CHOICES - 1:
-            j = rng.choice(pool)
-            if abs(j - i) > context_lines and lines[j] != true and lines[j] not in distractors:
-                distractors.append(lines[j])
+        distractors = _distractors(lines, pool, i, context_lines, rng)
+        if distractors is None:
+            continue
         gold = rng.randrange(NUM_CHOICES)
-        choices = distractors[:gold] + [true] + distractors[gold:]
+        choices = distractors[:gold] + [lines[i]] + distractors[gold:]
         items.append(ClozeItem("\n".join(lines[i - context_lines : i]) + "\n", tuple(choices), gold))
+    if not items:
+        raise DataError(f"{source}: no line has three distinct other lines outside its context to compete with")
     return items
+
+
+def _distractors(
+    lines: Sequence[str], pool: Sequence[int], i: int, context_lines: int, rng: random.Random
+) -> list[str] | None:
+    """Three distinct lines unlike line `i`, from outside its window (None when the file has too few)."""
+
+    def fits(j: int, chosen: list[str]) -> bool:
+        return abs(j - i) > context_lines and lines[j] != lines[i] and lines[j] not in chosen
+
+    chosen: list[str] = []
+    for _ in range(64 * NUM_CHOICES):  # rejection sampling: quick on any real text
+        j = rng.choice(pool)
+        if fits(j, chosen):
+            chosen.append(lines[j])
+            if len(chosen) == NUM_CHOICES - 1:
+                return chosen
+    rest = [j for j in pool if fits(j, chosen)]  # a small or repetitive file: draw from what is left
+    while rest and len(chosen) < NUM_CHOICES - 1:
+        j = rest.pop(rng.randrange(len(rest)))
+        if fits(j, chosen):
+            chosen.append(lines[j])
+    return chosen if len(chosen) == NUM_CHOICES - 1 else None
 
 
 def score_cloze(
@@ -78,17 +106,36 @@ def score_cloze(
     """Accuracy of `model` on `items`: each choice is a continuation of the item's context (BOS once)."""
     if not items:
         raise DataError("no cloze items to score")
-    requests = [encode_pair(tokenizer, item.context, choice) for item in items for choice in item.choices]
-    scores = iter(loglikelihood(model, requests, batch_size, progress))
-    acc, acc_norm = [], []
+    choices = [c for item in items for c in item.choices]
+    requests = [encode_pair(tokenizer, item.context, c) for item in items for c in item.choices]
+    requests += [encode_pair(tokenizer, LINE_START, c) for c in choices]
+    scores = [s.logprob for s in loglikelihood(model, requests, batch_size, progress)]
+    conditional, unconditional = scores[: len(choices)], scores[len(choices) :]
+    acc: list[float] = []
+    acc_norm: list[float] = []
+    acc_mi: list[float] = []
+    start = 0
     for item in items:
-        lls = [next(scores).logprob for _ in item.choices]
-        normed = [ll / max(len(c), 1) for ll, c in zip(lls, item.choices)]
-        acc.append(float(max(range(len(lls)), key=lls.__getitem__) == item.gold))
-        acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == item.gold))
+        lls = conditional[start : start + len(item.choices)]
+        base = unconditional[start : start + len(item.choices)]
+        start += len(item.choices)
+        acc.append(_hit(lls, item.gold))
+        acc_norm.append(_hit([ll / max(len(c), 1) for ll, c in zip(lls, item.choices)], item.gold))
+        acc_mi.append(_hit([ll - b for ll, b in zip(lls, base)], item.gold))
+    n = len(items)
     return ClozeResult(
-        sum(acc) / len(acc), mean_stderr(acc), sum(acc_norm) / len(acc_norm), mean_stderr(acc_norm), len(items)
+        sum(acc) / n,
+        mean_stderr(acc),
+        sum(acc_norm) / n,
+        mean_stderr(acc_norm),
+        sum(acc_mi) / n,
+        mean_stderr(acc_mi),
+        n,
     )
+
+
+def _hit(values: Sequence[float], gold: int) -> float:
+    return float(max(range(len(values)), key=values.__getitem__) == gold)
 
 
 def evaluate_cloze(

@@ -11,6 +11,7 @@ command line with the model registered.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -205,6 +206,14 @@ def _local_data_files(config: dict[str, Any], folder: Path) -> dict[str, Any]:
     return config
 
 
+@functools.lru_cache(maxsize=2)
+def task_manager(include_defaults: bool = True) -> Any:
+    """lm-eval's TaskManager, built once per process (indexing its ~15k built-in tasks takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=include_defaults)
+
+
 def resolve_tasks(names: Sequence[str]) -> tuple[list[Any], Any]:
     """lm-eval task specs for `names` (task names, glob patterns, `paper`, or YAML files) and the TaskManager.
 
@@ -212,11 +221,9 @@ def resolve_tasks(names: Sequence[str]) -> tuple[list[Any], Any]:
         OptionError: an unknown task name.
         DataError: a bad task file.
     """
-    from lm_eval.tasks import TaskManager
-
     expanded = [t for n in names for t in (PAPER_TASKS if n == "paper" else (n,))]
     files = [n for n in expanded if n.endswith((".yaml", ".yml"))]
-    manager = TaskManager(include_defaults=len(files) < len(expanded))
+    manager = task_manager(include_defaults=len(files) < len(expanded))
     specs: list[Any] = []
     for name in expanded:
         if name in files:

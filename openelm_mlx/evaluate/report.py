@@ -26,6 +26,8 @@ def cloze_entry(result: ClozeResult) -> dict[str, Any]:
         "acc_stderr,none": result.acc_stderr,
         "acc_norm,none": result.acc_norm,
         "acc_norm_stderr,none": result.acc_norm_stderr,
+        "acc_mi,none": result.acc_mi,
+        "acc_mi_stderr,none": result.acc_mi_stderr,
         "samples": result.items,
     }
 
