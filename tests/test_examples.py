@@ -64,3 +64,8 @@ def test_pretrain_example(shakespeare_path, tmp_path):
     small.write_text(shakespeare_path.read_text()[:200_000])
     out = _run(str(EXAMPLES / "pretrain.py"), str(small), str(tmp_path / "run"))
     assert "held-out loss" in out and (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_evaluate_example():
+    out = _run(str(EXAMPLES / "evaluate.py"))
+    assert "next_line.yaml: acc 0.375" in out and "cloze on 9 lines" in out
