@@ -86,10 +86,12 @@ def test_batched_equals_unbatched_and_grouped_equals_ungrouped(model, monkeypatc
     real = scoring._prefill
     monkeypatch.setattr(scoring, "_prefill", lambda m, p: prefills.append(list(p)) or real(m, p))
     for batch_size in (1, 3, 16):
-        prefills.clear()
+        prefills.clear()  # (the last batch size's prefixes are kept for the check below)
         batched = loglikelihood(model, requests, batch_size=batch_size)
         np.testing.assert_allclose([s.logprob for s in batched], [s.logprob for s in alone], rtol=1e-5, atol=1e-5)
         assert [s.is_greedy for s in batched] == [s.is_greedy for s in alone]
+    flat = loglikelihood(model, requests, batch_size=16, share_contexts=False)
+    np.testing.assert_allclose([s.logprob for s in flat], [s.logprob for s in alone], rtol=1e-5, atol=1e-5)
     # at batch 16 every context shared by several requests was prefilled once, without its last token
     shared = {tuple(c) for c, _ in requests if sum(tuple(x) == tuple(c) for x, _ in requests) > 1}
     prefilled = [tuple(p) for batch in prefills for p in batch if p]

@@ -93,6 +93,7 @@ def loglikelihood(
     batch_size: int = 16,
     progress: bool = False,
     max_length: int | None = None,
+    share_contexts: bool = True,
 ) -> list[Score]:
     """Score each continuation given its context (ids; the context carries its own BOS, see `encode_pair`).
 
@@ -105,6 +106,8 @@ def loglikelihood(
         model: an OpenELM `Model` (its `transformer` and `head` are called, so only scored positions get logits).
         max_length: the window (default: the model's `max_context_length`).
         progress: a tqdm bar on stderr with requests done and tokens/s.
+        share_contexts: False runs every request as its own row, its context included (benchmarks/eval_speed.py
+            measures both ways).
 
     Raises:
         DataError: naming a request whose ids are bad or whose continuation cannot fit.
@@ -128,7 +131,7 @@ def loglikelihood(
     results: list[Score | None] = [None] * len(fitted)
     bar = tqdm(total=len(fitted), desc="loglikelihood", unit="req", disable=not progress, leave=False)
     tic, tokens = time.perf_counter(), 0
-    for batch in _batches(fitted, batch_size):
+    for batch in _batches(fitted, batch_size, share_contexts):
         tokens += _score_batch(model, batch, fitted, results)
         bar.update(sum(len(rows) for _, rows in batch))
         bar.set_postfix_str(f"{tokens / max(time.perf_counter() - tic, 1e-9):.0f} tok/s", refresh=False)
@@ -139,13 +142,16 @@ def loglikelihood(
 Piece = tuple[tuple[int, ...], list[int]]  # a context and the indices of (some of) its requests
 
 
-def _batches(fitted: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], batch_size: int) -> list[list[Piece]]:
+def _batches(
+    fitted: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], batch_size: int, share: bool = True
+) -> list[list[Piece]]:
     """Groups of requests sharing a context, cut to at most `batch_size` rows, packed into batches longest first."""
-    groups: dict[tuple[int, ...], list[int]] = {}
+    groups: dict[Any, list[int]] = {}
     for i, (ctx, _) in enumerate(fitted):
-        groups.setdefault(ctx, []).append(i)
+        groups.setdefault(ctx if share else i, []).append(i)
     pieces: list[Piece] = []
-    for ctx, rows in groups.items():
+    for rows in groups.values():
+        ctx = fitted[rows[0]][0]
         rows.sort(key=lambda r: -len(fitted[r][1]))
         pieces += [(ctx, rows[s : s + batch_size]) for s in range(0, len(rows), batch_size)]
     pieces.sort(key=lambda p: -(len(p[0]) + len(fitted[p[1][0]][1])))
