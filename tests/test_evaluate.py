@@ -218,6 +218,7 @@ def test_paper_row_for_released_sizes_only():
     results = {"results": {"arc_easy": {"acc,none": 0.5, "acc_stderr,none": 0.01, "acc_norm,none": 0.55}}}
     table = format_table(results, row, "OpenELM-1_1B")
     assert "| arc_easy | acc_norm | 55.00 |  | 55.43 |" in table and "paper OpenELM-1_1B" in table
+    assert paper_row(OpenELMConfig.from_preset("OpenELM-1_1B"), instruct=True) == {"average": 65.50}
 
 
 def _cli(*args):

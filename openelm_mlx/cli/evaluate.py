@@ -62,7 +62,8 @@ def evaluate(
 
             cloze = evaluate_cloze(m, tok, data, limit, seed, batch_size, progress=True)
             results["results"]["cloze"] = cloze_entry(cloze)
-        _report(results, m.config, output, model, dict(tasks=names, num_fewshot=num_fewshot, limit=limit, seed=seed))
+        settings = dict(tasks=names, num_fewshot=num_fewshot, limit=limit, seed=seed)
+        _report(results, m.config, tok.chat_template, output, model, settings)
 
 
 def _check_options(
@@ -98,14 +99,17 @@ def _import_harness() -> Any:
     return harness
 
 
-def _report(results: dict[str, Any], config: Any, output: Path | None, model: str | None, settings: dict) -> None:
+def _report(
+    results: dict[str, Any], config: Any, instruct: bool, output: Path | None, model: str | None, settings: dict
+) -> None:
     from importlib.metadata import version
 
     from ..evaluate.paper import known_size, paper_row
     from ..evaluate.report import format_table, write_results
 
     size = known_size(config)
-    typer.echo(format_table(results, paper_row(config), size))
+    label = f"{size}-Instruct" if size and instruct else size
+    typer.echo(format_table(results, paper_row(config, instruct), label))
     if size is None and any(t in results["results"] for t in ("arc_easy", "hellaswag")):
         typer.echo("(not a released OpenELM size: no paper row to compare)", err=True)
     if output is not None:

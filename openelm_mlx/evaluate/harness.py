@@ -23,7 +23,7 @@ from lm_eval.api.registry import register_model
 from ..errors import DataError, HubError, OptionError, check_range
 from ..generation.generate import GenerationConfig, generate
 from .paper import PAPER_TASKS
-from .scoring import encode_pair, fit_context, loglikelihood, loglikelihood_rolling
+from .scoring import encode_pair, loglikelihood, loglikelihood_rolling
 
 MODEL_NAME = "openelm-mlx"
 REQUIRED_FIELDS = ("task", "dataset_path", "doc_to_text", "doc_to_target")
@@ -107,7 +107,7 @@ class OpenELMLM(LM):
 
     def _prompt_ids(self, context: str, room: int) -> list[int]:
         ids = self.tokenizer.encode(context)  # BOS + context
-        return fit_context(ids, [0], room) if len(ids) > room else ids
+        return ids if len(ids) <= room else [ids[0], *ids[len(ids) - room + 1 :]]
 
     def get_model_info(self) -> dict[str, Any]:
         return {"model_num_parameters": self.model.config.num_parameters(), "max_length": self.max_length}
@@ -134,8 +134,8 @@ def generation_config(gen_kwargs: dict[str, Any]) -> GenerationConfig:
     stop = (until,) if isinstance(until, str) else tuple(until)
     sample = bool(kwargs.pop("do_sample", False))
     temp = float(kwargs.pop("temperature", 1.0 if sample else 0.0))
-    settings: dict[str, Any] = dict(
-        max_tokens=int(kwargs.pop("max_gen_toks", MAX_GEN_TOKS)), temp=temp if sample or temp else 0.0, stop=stop
+    settings: dict[str, Any] = dict(  # greedy unless do_sample, whatever the temperature (as lm-eval's hf model)
+        max_tokens=int(kwargs.pop("max_gen_toks", MAX_GEN_TOKS)), temp=temp if sample else 0.0, stop=stop
     )
     for ours, theirs in (("top_p", "top_p"), ("top_k", "top_k")):
         if theirs in kwargs:

@@ -25,9 +25,12 @@ def known_size(config: OpenELMConfig) -> str | None:
     return None
 
 
-def paper_row(config: OpenELMConfig) -> dict[str, float] | None:
-    """{task: the paper's percent} for a model of a released size (base models; Instruct only has averages)."""
+def paper_row(config: OpenELMConfig, instruct: bool = False) -> dict[str, float] | None:
+    """{task: the paper's percent, "average": ...} for a model of a released size; an Instruct model (same shapes)
+    has only the paper's average."""
     size = known_size(config)
     if size is None:
         return None
+    if instruct:
+        return {"average": INSTRUCT_AVERAGES[size]}
     return dict(zip((*PAPER_TASKS, "average"), PAPER_RESULTS[size]))

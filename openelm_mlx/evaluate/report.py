@@ -57,7 +57,7 @@ def format_table(results: dict[str, Any], paper: dict[str, float] | None = None,
         if paper:
             row += f" {paper[task]:.2f} |" if task in paper else " |"
         lines.append(row)
-    if paper and all(t in results.get("results", {}) for t in PAPER_TASKS):
+    if paper and all(t in results.get("results", {}) for t in PAPER_TASKS):  # the average over the paper's tasks
         for metric in ("acc", "acc_norm"):
             ours = [results["results"][t].get(f"{metric},none") for t in PAPER_TASKS]
             if all(isinstance(v, (int, float)) for v in ours):
