@@ -186,13 +186,13 @@ def _held_out(shakespeare_path) -> str:
 
 def test_demo_beats_chance_on_held_out_cloze_and_random_model_does_not(demo, shakespeare_path):
     model, tok = demo
-    items = make_cloze_items(_held_out(shakespeare_path), limit=160, seed=0)
-    assert len(items) == 160 and all(len(set(i.choices)) == 4 for i in items)
+    items = make_cloze_items(_held_out(shakespeare_path), limit=120, seed=0)
+    assert len(items) == 120 and all(len(set(i.choices)) == 4 for i in items)
     ours = score_cloze(model, tok, items, batch_size=16)
     chance = score_cloze(random_model(model.config, seed=0), tok, items, batch_size=16)
-    # chance is 0.25, the standard error ~0.035 at 160 items; the demo measured 0.46, its random twin 0.24
+    # chance is 0.25, the standard error ~0.04 at 120 items; the demo measured 0.475, its random twin 0.30
     assert ours.acc_mi > 0.38 and ours.acc_mi - chance.acc_mi > 0.1
-    assert 0.15 < chance.acc_mi < 0.35 and 0.12 < chance.acc < 0.4 and 0.12 < chance.acc_norm < 0.4
+    assert 0.15 < chance.acc_mi < 0.37 and 0.12 < chance.acc < 0.4 and 0.12 < chance.acc_norm < 0.4
 
 
 def test_cloze_items_are_seeded_and_fair():
