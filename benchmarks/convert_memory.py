@@ -33,7 +33,8 @@ RESULTS = Path(__file__).resolve().parent / "results.json"
 CHILD = """
 import sys, json, resource
 from openelm_mlx.convert import convert
-r = convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], quantize=sys.argv[4] == "1")
+from openelm_mlx.quant.run import QuantizeOptions
+r = convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], quantize=QuantizeOptions() if sys.argv[4] == "1" else None)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 print(json.dumps({"seconds": r.seconds, "bytes": r.bytes_on_disk, "peak_rss": peak}))
 """

@@ -1,68 +1,104 @@
-"""The HTTP server under load: requests/s and time to first token for 1, 4 and 8 concurrent streaming clients,
-and the prefix cache's time-to-first-token gain on a second chat turn.
+"""Servers under load, side by side in one run: our `serve` (continuous batching), mlx-lm's `mlx_lm.server` (its
+default batching) and, optionally, an older checkout of ours (e.g. the serial server before the engine), on the same
+model. 1, 4, 8 and 16 concurrent streaming clients on 127.0.0.1 send completions with 64-token answers at temperature
+0; each level is bounded in requests and time. Prints requests/s, generated tokens/s and time to first token p50/p90,
+and merges the rows into benchmarks/results.json. The servers run one at a time, never together.
 
-    python benchmarks/serve_load.py [MODEL] [--requests-per-client 4] [--max-tokens 32]
+    python benchmarks/serve_load.py [--model DIR | --arch OpenELM-270M] [--clients 1,4,8,16]
+        [--requests-per-client 2] [--max-tokens 64] [--baseline OLD_CHECKOUT]
 """
 
 import argparse
+import json
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from openai import OpenAI
+# isort: off
+import openelm_mlx  # noqa: F401  (first: loads the fast BLAS before mlx.core)
 
+# isort: on
+from openelm_mlx.bench import blas
+from openelm_mlx.bench import speed as bench
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared/data/llama-tokenizer/tokenizer.model"
 TOPICS = ["Rome", "the king", "the sea", "love", "war", "the night", "a ghost", "the crown", "a storm", "the moon"]
 
 
-def start(model: str | None) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-c", "from openelm_mlx.cli import main, serve; main()", "serve", "--port", str(port)]
-    cmd += ["--log-level", "warning", *(["--model", model] if model else [])]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int, ready: str) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the server did not start: {' '.join(cmd)}")
         try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            return proc, url
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{ready}", timeout=1)
+            return proc
         except OSError:
-            if proc.poll() is not None:
-                sys.exit("the server did not start")
-            time.sleep(0.1)
+            time.sleep(0.2)
     proc.kill()
-    sys.exit("the server did not start in 60 s")
+    sys.exit("the server did not start in 120 s")
 
 
-def ask(client: OpenAI, messages: list[dict], max_tokens: int) -> tuple[float, int]:
-    """Stream one chat answer: (seconds to the first content, completion tokens)."""
-    tic, first, used = time.perf_counter(), None, 0
-    stream = client.chat.completions.create(
-        model="default",
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
+def servers(model: str, baseline: str | None, max_batch: int) -> dict[str, list[str]]:
+    """Command lines (with {port}) of each server to measure."""
+    ours = [sys.executable, "-m", "openelm_mlx", "serve", "--model", model, "--log-level", "warning"]
+    out = {
+        "ours": [*ours, "--max-batch", str(max_batch), "--port", "{port}"],
+        "mlx_lm": [sys.executable, "-m", "mlx_lm", "server", "--model", model, "--port", "{port}"],
+    }
+    if baseline:
+        boot = f"import sys; sys.path.insert(0, {baseline!r}); from openelm_mlx.cli import main; main()"
+        out["baseline"] = [sys.executable, "-c", boot, *ours[3:], "--port", "{port}"]
+    return out
+
+
+def ask(url: str, prompt: str, max_tokens: int, model: str) -> tuple[float, int]:
+    """Stream one completion: (seconds to the first text, generated tokens)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    req = urllib.request.Request(
+        url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
-    for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter() - tic
-        if chunk.usage:
-            used = chunk.usage.completion_tokens
-    return (first if first is not None else time.perf_counter() - tic), used
+    tic, first, pieces, used = time.perf_counter(), None, 0, None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                used = chunk["usage"]["completion_tokens"]
+            choices = chunk.get("choices") or []
+            if choices and choices[0].get("text"):
+                pieces += 1
+                first = first if first is not None else time.perf_counter() - tic
+    return (first if first is not None else time.perf_counter() - tic), used if used is not None else pieces
 
 
-def load_level(client: OpenAI, clients: int, per_client: int, max_tokens: int) -> dict[str, float]:
+def load_level(url: str, model: str, clients: int, per_client: int, max_tokens: int, limit: float) -> dict[str, float]:
+    deadline = time.perf_counter() + limit
+
     def one(i: int) -> list[tuple[float, int]]:
-        return [
-            ask(client, [{"role": "user", "content": f"Tell me of {TOPICS[(i + j) % len(TOPICS)]}."}], max_tokens)
-            for j in range(per_client)
-        ]
+        out = []
+        for j in range(per_client):
+            if time.perf_counter() > deadline:
+                break
+            out.append(ask(url, f"Tell me of {TOPICS[(i + j) % len(TOPICS)]}.", max_tokens, model))
+        return out
 
     tic = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -73,52 +109,71 @@ def load_level(client: OpenAI, clients: int, per_client: int, max_tokens: int) -
         "requests": len(results),
         "req_s": len(results) / wall,
         "tok_s": sum(n for _, n in results) / wall,
-        "ttft_p50": statistics.median(ttfts),
-        "ttft_p90": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
+        "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "ttft_p90_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
     }
 
 
-def prefix_gain(client: OpenAI, rounds: int = 5) -> tuple[float, float, int]:
-    """Median TTFT of a second chat turn with the first turn cached (warm) vs evicted (cold), and its prompt size."""
-    warm, cold, size = [], [], 0
-    for r in range(rounds):
-        history = [{"role": "user", "content": f"Tell me a long tale of {TOPICS[r]}, with every king in it."}]
-        answer = client.chat.completions.create(model="default", messages=history, max_tokens=300, temperature=0)
-        history += [{"role": "assistant", "content": answer.choices[0].message.content}]
-        history += [{"role": "user", "content": "And then?"}]
-        size = answer.usage.total_tokens
-        warm.append(ask(client, history, 1)[0])  # the cache holds turn one: only the new turn is fed
-        ask(client, [{"role": "user", "content": "Something else."}], 1)  # evict it
-        cold.append(ask(client, history, 1)[0])
-    return statistics.median(warm), statistics.median(cold), size
+def random_folder(arch: str, work: Path) -> str:
+    from openelm_mlx.folders.io import save
+    from openelm_mlx.generation.tokenizer import Tokenizer
+    from openelm_mlx.model.config import OpenELMConfig
+
+    if not TOKENIZER.is_file():
+        sys.exit(f"--arch needs the LLaMA tokenizer at {TOKENIZER}")
+    model = bench.random_model(OpenELMConfig.from_preset(arch), "float32")
+    return str(save(model, work / arch, tokenizer=Tokenizer(TOKENIZER)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("model", nargs="?", default=None, help="model folder or repo (default: the bundled demo)")
-    parser.add_argument("--requests-per-client", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--model", default=None, help="model folder (default: the bundled demo)")
+    parser.add_argument(
+        "--arch", default=None, help="a random float32 model of this preset instead (e.g. OpenELM-270M)"
+    )
+    parser.add_argument("--clients", default="1,4,8,16")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--time-limit", type=float, default=300, help="seconds per level, at most")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--baseline", default=None, help="an older checkout of this repo to measure too")
     args = parser.parse_args()
-    proc, url = start(args.model)
-    try:
-        client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-        ask(client, [{"role": "user", "content": "Hi"}], 4)  # warm up
-        print(f"model {args.model or 'bundled demo'}, streamed chat, {args.max_tokens} tokens per answer, temp 0")
-        print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p90':>9}")
-        for clients in (1, 4, 8):
-            r = load_level(client, clients, args.requests_per_client, args.max_tokens)
-            print(
-                f"{clients:>7} {r['requests']:>8} {r['req_s']:>7.1f} {r['tok_s']:>7.0f} "
-                f"{1000 * r['ttft_p50']:>7.0f}ms {1000 * r['ttft_p90']:>7.0f}ms"
-            )
-        warm, cold, size = prefix_gain(client)
-        print(
-            f"second chat turn (~{size} tokens of history): TTFT {1000 * warm:.1f} ms with the prefix cache, "
-            f"{1000 * cold:.1f} ms without ({cold / warm:.1f}x)"
-        )
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    levels = [int(c) for c in args.clients.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        from openelm_mlx.demo import DEMO_DIR
+
+        model = random_folder(args.arch, Path(tmp)) if args.arch else args.model or str(DEMO_DIR)
+        name = args.arch or ("demo" if model == str(DEMO_DIR) else Path(model).name)
+        table: dict[str, dict[int, dict[str, float]]] = {}
+        for server, cmd in servers(model, args.baseline, args.max_batch).items():
+            port = free_port()
+            proc = start([c.replace("{port}", str(port)) for c in cmd], port, "/v1/models")
+            url = f"http://127.0.0.1:{port}"
+            try:
+                ask(url, "Hi", 4, model)  # warm up
+                budget = (args.requests_per_client, args.max_tokens, args.time_limit)
+                table[server] = {c: load_level(url, model, c, *budget) for c in levels}
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    print(
+        f"model {name}, streamed completions, {args.max_tokens} tokens per answer, temp 0, BLAS {blas.STATE.describe()}"
+    )
+    print(f"{'server':>9} {'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p90':>9}")
+    for server, rows in table.items():
+        for c, r in rows.items():
+            print(f"{server:>9} {c:>7} {r['requests']:>8} {r['req_s']:>7.2f} {r['tok_s']:>7.0f} "
+                  f"{r['ttft_p50_ms']:>7.0f}ms {r['ttft_p90_ms']:>7.0f}ms")  # fmt: skip
+    ratios = {}
+    for c in levels:
+        ours = table["ours"][c]
+        ratios[c] = {"req_s_vs_mlx_lm": ours["req_s"] / table["mlx_lm"][c]["req_s"]}
+        if "baseline" in table:
+            ratios[c]["req_s_vs_baseline"] = ours["req_s"] / table["baseline"][c]["req_s"]
+        ratios[c]["ttft_p50_vs_solo"] = ours["ttft_p50_ms"] / table["ours"][levels[0]]["ttft_p50_ms"]
+        print(f"{c} clients: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios[c].items()))
+    row = {"max_tokens": args.max_tokens, "servers": table, "ratios": ratios}
+    bench.record(RESULTS, f"serve load {name} max_batch={args.max_batch}/blas={blas.STATE.source}", row)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from openelm_mlx.errors import CheckpointError, ConfigError, OptionError
 from openelm_mlx.folders.arch import resolve_arch
 from openelm_mlx.folders.fs import atomic_output_dir, check_output, require_regular_file
-from openelm_mlx.folders.hub import download
+from openelm_mlx.folders.hub import download, local_path
 from openelm_mlx.folders.io import check_tokenizer, dtype_name, load_model, model_config_dict, parse_dtype, read_config
 from openelm_mlx.folders.weights import (
     INDEX_FILE,
@@ -35,7 +35,8 @@ from openelm_mlx.folders.weights import (
 from openelm_mlx.generation.tokenizer import TOKENIZER_FILE, Tokenizer, find_tokenizer, uses_chat_template
 from openelm_mlx.model.config import FLOAT16_OVERFLOW, OpenELMConfig
 from openelm_mlx.model.decoder import Model
-from openelm_mlx.quant.recipes import QuantRecipe, bits_per_weight, check_settings, quantize_model
+from openelm_mlx.quant.recipes import bits_per_weight
+from openelm_mlx.quant.run import QuantizeOptions, check_rtn, quantize_rtn
 
 from .tables import HF_TABLE, TABLES, detect_format, invert, map_state_dict
 from .tensors import LazyTensor, open_safetensors
@@ -97,8 +98,8 @@ def _read_file(path: Path) -> dict[str, LazyTensor]:
 
 def open_source(src: str | Path) -> Source:
     """A local folder or file, or a Hub repo id (only the needed files are fetched)."""
-    path = Path(src)
-    if not path.exists():
+    path = local_path(src)
+    if path is None:
         path = download(str(src))
         if not any(path.glob("*.safetensors")):
             path = download(str(src), HF_BIN_FILES)
@@ -192,6 +193,13 @@ def _choose_vocab(
             raise OptionError("vocab_size", f"{vocab_size} is smaller than the tokenizer's {tok.vocab_size} pieces")
         return vocab_size
     if tok is not None and rows > tok.vocab_size:
+        if tok.vocab_size < config.vocab_size:  # rows past the config's vocabulary are padding; these are not
+            raise OptionError(
+                "vocab_size",
+                f"{tok.model_file} has {tok.vocab_size} pieces, fewer than the {config.vocab_size}-token vocabulary "
+                f"of the checkpoint ({rows} embedding rows): give the vocabulary size to cut the embedding to "
+                f"{tok.vocab_size} rows, or use the model's own tokenizer",
+            )
         return tok.vocab_size
     if rows != config.vocab_size:
         log.warning(
@@ -211,15 +219,14 @@ def convert(
     arch: str | None = None,
     arch_config: str | Path | None = None,
     vocab_size: int | None = None,
-    quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = 64,
+    quantize: QuantizeOptions | None = None,
     force: bool = False,
     chat_template: bool | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Report:
     """Convert a Hugging Face or CoreNet checkpoint into an MLX model folder.
 
+    `quantize`: quantize by round to nearest as these settings say (uniform, a recipe, embedding bits).
     `chat_template=None` records the Instruct template when the source or `arch` is named "Instruct".
     `force` allows float16 for 3B-shaped models and writing into a folder we did not create (only
     the files we write are replaced there).
@@ -229,9 +236,8 @@ def convert(
     """
     tic = time.perf_counter()
     check_output(dst, force, "model", (src,))  # before anything is downloaded or read
-    if quantize:
-        check_settings(q_bits, q_group_size, prefix="q_")
-    recipe = QuantRecipe(q_bits, q_group_size) if quantize else None
+    if quantize is not None:
+        check_rtn(quantize)  # calibrated methods read text: quantize the converted folder for those
     source = open_source(src)
     config = _source_config(source, arch, arch_config)
     tensors = map_state_dict(source.tensors, TABLES[source.format], source.label)
@@ -248,8 +254,8 @@ def convert(
     with atomic_output_dir(dst, force=force, kind="model", inputs=(src,)) as tmp:
         write_streaming(tmp, tensors, parse_dtype(out_dtype), max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": out_dtype}, indent=2))
-        if recipe is not None:
-            _quantize_in_place(tmp, recipe, max_shard_bytes, report)
+        if quantize is not None:
+            _quantize_in_place(tmp, quantize, max_shard_bytes, report)
         if tok is not None:
             tok.save(tmp)
             for name in HF_TOKENIZER_FILES:  # the source's fast-tokenizer files, for transformers users
@@ -263,6 +269,16 @@ def convert(
 
 def _source_config(source: Source, arch: str | None, arch_config: str | Path | None) -> OpenELMConfig:
     config = resolve_arch(arch, arch_config)
+    if config is not None and source.config is not None and config != source.config:
+        field = next(
+            f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(source.config, f.name)
+        )
+        mine, theirs = getattr(config, field), getattr(source.config, field)
+        raise OptionError(
+            "arch" if arch else "arch_config",
+            f"conflicts with {source.folder / 'config.json'}: {field} is {mine!r:.40} in the architecture given, "
+            f"{theirs!r:.40} in config.json; leave the architecture out to use config.json",
+        )
     if config is not None:
         return config
     if source.config is not None:
@@ -273,10 +289,10 @@ def _source_config(source: Source, arch: str | None, arch_config: str | Path | N
     )
 
 
-def _quantize_in_place(folder: Path, recipe: QuantRecipe, max_shard_bytes: int, report: Report) -> None:
+def _quantize_in_place(folder: Path, opts: QuantizeOptions, max_shard_bytes: int, report: Report) -> None:
     """Replace the float model in `folder` by its quantized version (config.json records the settings)."""
     model = load_model(folder, lazy=True)
-    report.float_layers = quantize_model(model, recipe=recipe)
+    report.float_layers = quantize_rtn(model, opts)
     mx.eval(model.parameters())  # read everything before the float files go
     for f in folder.glob("model*.safetensors*"):
         f.unlink()

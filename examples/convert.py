@@ -15,6 +15,7 @@ from openelm_mlx.convert import convert, export
 
 from openelm_mlx import load_model
 from openelm_mlx.demo import DEMO_DIR
+from openelm_mlx.quant.run import QuantizeOptions
 
 if len(sys.argv) >= 3:
     tokenizer = sys.argv[sys.argv.index("--tokenizer") + 1] if "--tokenizer" in sys.argv else None
@@ -25,7 +26,7 @@ if len(sys.argv) >= 3:
 work = Path(tempfile.mkdtemp())
 export(DEMO_DIR, work / "hf")  # MLX -> Apple's format (config.json with auto_map, model.safetensors)
 report = convert(work / "hf", work / "mlx")  # ... and back, tokenizer included
-q = convert(work / "hf", work / "mlx-q4", quantize=True, q_bits=4, q_group_size=64)
+q = convert(work / "hf", work / "mlx-q4", quantize=QuantizeOptions(bits=4))  # as `quantize` takes them
 print(
     f"float: {report.bytes_on_disk / 1e6:.1f} MB; 4-bit: {q.bytes_on_disk / 1e6:.1f} MB, "
     f"{q.bits_per_weight:.2f} bits per weight"

@@ -3,9 +3,12 @@
 The BLAS loader runs first: on Linux it must load a fast BLAS before anything imports `mlx.core`.
 """
 
+import sys
+
 from .bench import blas
 
-blas.setup()
+if not blas.help_only(sys.argv):  # `openelm-mlx --help` must work even when a BLAS is broken
+    blas.setup()
 
 # ruff: noqa: E402  (the imports below must follow the BLAS setup)
 

@@ -92,7 +92,7 @@ def test_bench_writes_every_key(tmp_path):
         (["--arch", "OpenELM-270M", "--repeats", "0"], "--repeats: must be >= 1"),
         (["--arch", "OpenELM-270M", "--dtype", "int8"], "--dtype: must be one of"),
         (["--arch", "OpenELM-270M", "--compare", "llama.cpp"], "--compare: must be mlx-lm or none"),
-        ([], "--model: give either --model or --arch"),
+        (["--model", "m", "--arch", "OpenELM-270M"], "--model: give either --model or --arch"),
     ],
 )
 def test_bench_options_are_checked(args, message):

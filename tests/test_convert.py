@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from openelm_mlx import load, load_model
 from openelm_mlx.cli import app
 from openelm_mlx.model.config import OpenELMConfig
+from openelm_mlx.quant.run import QuantizeOptions
 
 TOKENS = [1, 9, 33, 200, 17, 5, 250, 64]
 CONFIG = OpenELMConfig.tiny()
@@ -115,7 +116,7 @@ def test_bfloat16_torch_checkpoint_keeps_its_dtype(source, tmp_path):
 def test_quantized_conversion_round_trips_the_in_memory_model(source, tmp_path):
     weights, config, _ = source
     hf_folder(tmp_path / "hf", weights, config)
-    report = convert(tmp_path / "hf", tmp_path / "q", quantize=True, q_bits=4, q_group_size=32)
+    report = convert(tmp_path / "hf", tmp_path / "q", quantize=QuantizeOptions(bits=4, group_size=32))
     saved = json.loads((tmp_path / "q" / "config.json").read_text())
     assert saved["quantization"]["bits"] == 4 and saved["quantization"]["group_size"] == 32
     assert 6.0 < report.bits_per_weight < 6.5  # 4 bits + float32 scale and bias per 32 weights, float norms
@@ -129,7 +130,7 @@ def test_quantized_conversion_round_trips_the_in_memory_model(source, tmp_path):
 def test_layers_the_group_size_does_not_divide_stay_float(source, tmp_path):
     weights, config, _ = source
     hf_folder(tmp_path / "hf", weights, config)
-    report = convert(tmp_path / "hf", tmp_path / "q", quantize=True, q_group_size=128)
+    report = convert(tmp_path / "hf", tmp_path / "q", quantize=QuantizeOptions(group_size=128))
     assert "transformer.layers.0.attn.qkv_proj" in report.float_layers  # model_dim 64 < 128
     assert load_model(tmp_path / "q")(mx.array([TOKENS])).shape == (1, len(TOKENS), CONFIG.vocab_size)
 

@@ -21,18 +21,19 @@ from openelm_mlx.model.step import decoder_for
 from openelm_mlx.quant.recipes import quantize_model
 
 
-def counted_decoder(model):
+def counted_decoder(model, exp="native"):
     """A decoder whose compiled step counts its calls."""
-    decoder_for(model)  # makes the model's compiled step
-    holder = model.__dict__["_compiled_decode_step"]
-    calls, step = [], holder.fn
+    from openelm_mlx.model import step as decode
+
+    compiled = decode._compiled_step(model, exp)
+    calls, step = [], compiled.fn
 
     def counting(*args):
         calls.append(1)
         return step(*args)
 
-    holder.fn = counting
-    return decoder_for(model), calls
+    compiled.fn = counting
+    return decoder_for(model, exp), calls
 
 
 def decode_both(model, decoder, prompt_len: int, steps: int):
@@ -51,7 +52,7 @@ def decode_both(model, decoder, prompt_len: int, steps: int):
     return worst
 
 
-@pytest.mark.parametrize("exp", ["mx.exp", "power"])
+@pytest.mark.parametrize("exp", ["native", "power"])
 @pytest.mark.parametrize(
     "config",
     [
@@ -60,13 +61,10 @@ def decode_both(model, decoder, prompt_len: int, steps: int):
         OpenELMConfig.tiny(ffn_with_glu=False, normalize_qk_projections=False),
     ],
 )
-def test_compiled_steps_equal_the_eager_model(config, exp, monkeypatch):
-    """With either exponential `decode.fast_exp` may pick for this machine (the SiLU and the softmax use it)."""
-    from openelm_mlx.model import step as decode
-
-    monkeypatch.setattr(decode, "fast_exp", lambda: mx.exp if exp == "mx.exp" else decode._power_exp)
+def test_compiled_steps_equal_the_eager_model(config, exp):
+    """With either exponential (the SiLU and the softmax use it)."""
     model = random_model(config)
-    decoder, calls = counted_decoder(model)
+    decoder, calls = counted_decoder(model, exp)
     # A 250-token prompt and 12 steps: the cache buffer (256 positions) fills and grows on the way.
     assert decode_both(model, decoder, 250, 13) < 1e-5
     assert len(calls) == 11  # every single-token step but the one at a full buffer (eager, which grows it)
@@ -83,12 +81,40 @@ def test_batch_rows_decode_together():
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("exp", ["native", "power"])
+def test_rows_at_different_positions_decode_together(exp):
+    """A left-padded batch (mlx-lm's BatchKVCache): every row equals itself decoded alone, step after step."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    model = random_model(OpenELMConfig.tiny())
+    decoder, calls = counted_decoder(model, exp)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (3, 11, 6)]
+    longest = max(map(len, prompts))
+    padding = [longest - len(p) for p in prompts]
+    cache = [BatchKVCache(padding) for _ in model.layers]
+    model(mx.array([[0] * pad + p for p, pad in zip(prompts, padding)]), cache)
+    alone = [make_prompt_cache(model) for _ in prompts]
+    for p, c in zip(prompts, alone):
+        model(mx.array([p]), c)
+    y = mx.array([[5], [6], [7]])
+    for _ in range(4):
+        batch = decoder(y, cache)[:, -1]
+        solo = mx.concatenate([model(y[i : i + 1], alone[i])[:, -1] for i in range(3)])
+        assert mx.allclose(batch, solo, rtol=1e-4, atol=1e-5)
+        y = mx.argmax(solo, axis=-1)[:, None]
+    assert len(calls) == 4
+    assert "_compiled_decode_step" not in model.__dict__  # kept beside the model, not on it
+
+
 def test_generation_tokens_equal_mlx_lm_loop_on_the_eager_model():
     model = random_model(OpenELMConfig.tiny())
-    _, calls = counted_decoder(model)
+    from openelm_mlx.model.step import default_exp
+
+    _, calls = counted_decoder(model, default_exp())  # the exponential generation uses on this machine
     ids = [int(t) for t in np.random.default_rng(2).integers(3, 256, 20)]
     ours = list(generate_tokens(model, ids, max_tokens=40, repetition_penalty=1.3, eos_ids=()))
-    assert len(calls) == 41  # the last prompt token, then 40 steps (mlx-lm computes one ahead)
+    assert len(calls) == 40  # the last prompt token, then one step per token but the last
     processors = make_logits_processors(repetition_penalty=1.3)
     steps = generate_step(mx.array(ids), model, max_tokens=40, logits_processors=processors)
     assert ours == [int(t) for t, _ in steps]  # mlx-lm's loop on the plain model: every step eager
@@ -172,7 +198,7 @@ def test_an_interrupted_trace_leaves_model_and_cache_intact(monkeypatch):
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(decode, "_rope_tables", interrupted)  # runs only while MLX traces the step
+    monkeypatch.setattr(decode, "_kernels", interrupted)  # runs only while MLX traces the step
     with pytest.raises(KeyboardInterrupt):
         decoder_for(model)(mx.array([[4]]), cache)
     monkeypatch.undo()
@@ -203,15 +229,16 @@ def test_a_copied_model_compiles_its_own_step():
     assert decode_both(twin, decoder_for(twin), 5, 2) < 1e-5
 
 
-@pytest.mark.parametrize("exp", ["mx.exp", "power"])
-def test_step_softmax_and_silu_hold_at_large_values(exp):
+def test_step_softmax_and_silu_hold_at_large_values():
     from openelm_mlx.model import step as decode
 
-    fn = mx.exp if exp == "mx.exp" else decode._power_exp
-    probs = decode._softmax(mx.array([[1000.0, 999.0, -mx.inf]]), fn)
-    assert mx.allclose(probs, mx.array([[0.7310586, 0.2689414, 0.0]]), atol=1e-6)
-    if exp == "power":  # (with mx.exp, `_silu` is `nn.silu` itself)
-        x = mx.array([-200.0, -20.0, 0.0, 20.0, 200.0])
-        assert mx.allclose(decode._silu(x, fn), x * mx.sigmoid(x), rtol=1e-6, atol=1e-12)
-        half = decode._silu(mx.array([-12.0, 12.0], dtype=mx.float16), fn)  # float16's exp(12) overflows
-        assert half.dtype == mx.float16 and mx.allclose(half, mx.array([-7.37e-5, 12.0]), rtol=1e-2)
+    q = mx.array([[[[1.0]]]])  # (B, n_heads, L, head_dim) = 1, 1, 1, 1
+    k = mx.array([[[[1000.0], [999.0], [5.0]]]])
+    v = mx.array([[[[1.0], [0.0], [7.0]]]])
+    mask = mx.array([True, True, False])
+    out = decode._power_attention(q, k, v, None, 1.0, mask)  # softmax over (1000, 999, masked)
+    assert mx.allclose(out, mx.array([[[[0.7310586]]]]), atol=1e-6)
+    x = mx.array([-200.0, -20.0, 0.0, 20.0, 200.0])
+    assert mx.allclose(decode._power_silu(x), x * mx.sigmoid(x), rtol=1e-6, atol=1e-12)
+    half = decode._power_silu(mx.array([-12.0, 12.0], dtype=mx.float16))  # float16's exp(12) overflows
+    assert half.dtype == mx.float16 and mx.allclose(half, mx.array([-7.37e-5, 12.0]), rtol=1e-2)

@@ -25,6 +25,12 @@ def test_generate_example():
     assert "generation tokens/s" in out and "JULIET:" in out
 
 
+def test_engine_example():
+    out = _run(str(EXAMPLES / "engine.py"))
+    assert "[cancelled: cancelled" in out and "[late: length, 16 tokens]" in out
+    assert int(out.split("follow-up reused ")[1].split()[0]) > 0
+
+
 def test_decode_loop_example():
     assert "same tokens as the eager model: True" in _run(str(EXAMPLES / "decode_loop.py"))
 

@@ -9,9 +9,11 @@ from typer.testing import CliRunner
 
 from openelm_mlx import load, save
 from openelm_mlx.cli import app
+from openelm_mlx.errors import OptionError
 from openelm_mlx.generation.chat import ChatSession, chat_turn_ids
 from openelm_mlx.generation.generate import StopStrings, generate, generate_tokens, stream_generate
-from openelm_mlx.generation.tokenizer import Tokenizer, render_chat
+from openelm_mlx.generation.template import render_chat
+from openelm_mlx.generation.tokenizer import Tokenizer
 from openelm_mlx.model.config import OpenELMConfig
 
 TINY = dict(vocab_size=32000, model_dim=64, head_dim=32, max_context_length=1024)
@@ -135,10 +137,14 @@ def test_batch_equals_one_by_one(model, tok):
     assert generate(model, tok, prompts, max_tokens=12) == [generate(model, tok, p, max_tokens=12) for p in prompts]
 
 
-def test_prompt_longer_than_context_warns(tok):
+def test_prompt_longer_than_context_is_refused_everywhere(tok):
     small = random_model(OpenELMConfig.tiny(**{**TINY, "max_context_length": 8}))
-    with pytest.warns(UserWarning, match="more than the model's max_context_length 8"):
-        list(stream_generate(small, tok, "one two three four five six seven eight nine ten", max_tokens=2))
+    long = "one two three four five six seven eight nine ten"
+    with pytest.raises(OptionError, match="has 11 tokens; the model's context is 8 tokens"):
+        list(stream_generate(small, tok, long, max_tokens=2))
+    with pytest.raises(OptionError, match="has 11 tokens; the model's context is 8 tokens"):
+        generate(small, tok, [long, "one"], max_tokens=2)
+    assert isinstance(generate(small, tok, "one", max_tokens=2), str)
 
 
 def test_chat_turn_ids_equal_the_tail_of_the_whole_template(tok):
@@ -159,7 +165,9 @@ def test_chat_session_feeds_only_new_tokens_and_answers_like_a_fresh_run(model, 
     first_ids = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     list(session.send("Hi"))
     answer = list(generate_tokens(model, first_ids, max_tokens=8))
-    assert session.cache[0].offset == len(first_ids) + len(answer) + session.after_eos
+    # The cache holds every token fed: all of the answer but its last token (an EOS that ended it is never fed).
+    assert session.cache[0].offset == len(first_ids) + len(answer) - (not session.after_eos)
+    assert session.history == first_ids + answer + ([2] if session.after_eos else [])
     turn = chat_turn_ids(tok, [{"role": "user", "content": "And then?"}], session.after_eos)
     second = "".join(s.text for s in session.send("And then?"))
     assert session.cache[0].offset >= len(first_ids) + len(answer) + len(turn)
@@ -239,7 +247,8 @@ def test_interrupted_answer_leaves_a_consistent_cache(model, llama_tokenizer_pat
     answer = session.send("Hi")
     shown = [next(answer).token for _ in range(3)]
     answer.close()  # what the CLI does on KeyboardInterrupt
-    assert {c.offset for c in session.cache} == {len(first_ids) + 3} and not session.after_eos
+    # every token fed is kept: the prompt and the answer but its last shown token (fed with the next turn)
+    assert {c.offset for c in session.cache} == {len(first_ids) + 2} and not session.after_eos
     turn = chat_turn_ids(tok, [{"role": "user", "content": "Go on"}], after_eos=False)
     assert turn[0] == 2  # the cut answer is closed with EOS first
     second = [s.token for s in session.send("Go on") if s.token >= 0]

@@ -169,17 +169,16 @@ def test_logprobs_in_openai_shape(client):
     assert all(len(t) == 2 for t in c.top_logprobs)
 
 
-def test_second_chat_turn_reuses_the_prefix_cache(client):
-    first = [{"role": "user", "content": "Who comes there?"}]
-    answer = client.chat.completions.create(model="default", messages=first, max_tokens=15)
-    second = [*first, {"role": "assistant", "content": answer.choices[0].message.content}]
-    second.append({"role": "user", "content": "Speak again."})
-    warm = client.chat.completions.create(model="default", messages=second, max_tokens=15)
-    assert warm.usage.prompt_tokens_details.cached_tokens >= answer.usage.prompt_tokens
-    chat(client, "Something else entirely.", max_tokens=2)  # the cache now shares only a few tokens
-    cold = client.chat.completions.create(model="default", messages=second, max_tokens=15)
-    assert cold.usage.prompt_tokens_details.cached_tokens < answer.usage.prompt_tokens - 3
-    assert warm.choices[0].message.content == cold.choices[0].message.content
+def test_second_chat_turns_reuse_the_lru_prompt_cache(client, url):
+    """Two conversations interleaved: each second turn reuses its own first turn from the LRU prompt cache."""
+    firsts = [[{"role": "user", "content": "Who comes there?"}], [{"role": "user", "content": "Something else."}]]
+    answers = [client.chat.completions.create(model="default", messages=m, max_tokens=15) for m in firsts]
+    for first, answer in zip(firsts, answers):
+        second = [*first, {"role": "assistant", "content": answer.choices[0].message.content}]
+        second.append({"role": "user", "content": "Speak again."})
+        warm = client.chat.completions.create(model="default", messages=second, max_tokens=15)
+        assert warm.usage.prompt_tokens_details.cached_tokens >= answer.usage.prompt_tokens
+    assert health(url)["prompt_cache_entries"] >= 2
 
 
 # ---------------------------------------------------------------- refusals
@@ -368,6 +367,20 @@ def test_sigterm_stops_the_server_cleanly_even_mid_stream():
     with pytest.raises(openai.APIError, match="shutting down"):  # it ends with an error event, not a hang
         list(stream)
     assert proc.wait(10) == 0 and time.time() - tic < 3.0  # not held up by the open stream
+
+
+def test_a_lone_surrogate_in_model_gets_an_openai_error(url):
+    status, body = http(url, "/v1/completions", b'{"model": "\\ud800", "prompt": "a"}')
+    assert status == 404 and body["error"]["param"] == "model" and "not served here" in body["error"]["message"]
+
+
+def test_sigterm_while_idle_stops_with_one_line_and_no_traceback():
+    proc, url = start_server()
+    assert http(url, "/v1/completions", {"prompt": "a", "max_tokens": 2}, key=None)[0] == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    err = proc.stderr.read()
+    assert "Traceback" not in err and err.rstrip().endswith("Stopped.")
 
 
 @pytest.mark.parametrize(

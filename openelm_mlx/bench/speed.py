@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ..errors import OpenELMError, check_range
+from ..errors import OpenELMError, OptionError, check_range
 from ..folders.fs import write_file_atomic
 from ..folders.io import DTYPES as _DTYPES
 from ..folders.io import parse_dtype
@@ -51,8 +51,40 @@ class Speed:
         }
 
 
-def check_options(prompt_tokens: int, gen_tokens: int, repeats: int, dtype: str) -> None:
-    """Raise OptionError for a setting out of range."""
+DEFAULT_PROMPT_TOKENS = 128
+DEFAULT_GEN_TOKENS = 64
+
+
+def fit_lengths(prompt_tokens: int | None, gen_tokens: int | None, context: int) -> tuple[int, int, str | None]:
+    """The prompt and generation lengths to measure on a model of `context` tokens: the given ones, and for
+    None the defaults, shrunk (in proportion when both are defaults) to fit, with a note saying so (else None).
+
+    Raises:
+        OptionError: the given lengths leave no room (a prompt of 1 token and 2 new tokens at least).
+    """
+    p = DEFAULT_PROMPT_TOKENS if prompt_tokens is None else prompt_tokens
+    g = DEFAULT_GEN_TOKENS if gen_tokens is None else gen_tokens
+    if p + g <= context:
+        return p, g, None
+    if prompt_tokens is not None and gen_tokens is not None:
+        raise OptionError("prompt_tokens", f"{p} + {g} generated tokens is more than the model's context {context}")
+    if prompt_tokens is None and gen_tokens is None:
+        p = context * DEFAULT_PROMPT_TOKENS // (DEFAULT_PROMPT_TOKENS + DEFAULT_GEN_TOKENS)
+        g = context - p
+    elif prompt_tokens is None:
+        p = context - g
+    else:
+        g = context - p
+    if p < 1 or g < 2:
+        name, given = ("gen_tokens", gen_tokens) if gen_tokens is not None else ("prompt_tokens", prompt_tokens)
+        why = f"{given} leaves too few tokens of" if given is not None else "too few tokens in"
+        raise OptionError(name, f"{why} the model's context {context} to measure")
+    note = f"a {p}-token prompt and {g} new tokens, to fit the model's max_context_length {context}"
+    return p, g, note + f" (the defaults are {DEFAULT_PROMPT_TOKENS} and {DEFAULT_GEN_TOKENS})"
+
+
+def check_options(prompt_tokens: int | None, gen_tokens: int | None, repeats: int, dtype: str) -> None:
+    """Raise OptionError for a setting out of range (None: a default)."""
     check_range("prompt_tokens", prompt_tokens, 1, 65536, integer=True)
     check_range("gen_tokens", gen_tokens, 2, 65536, integer=True)
     check_range("repeats", repeats, 1, 100, integer=True)
@@ -279,10 +311,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def environment() -> dict[str, str]:
     """What every results row names: the machine, MLX's backend, the BLAS in use and the compiled decode step's exp."""
-    from ..model.step import fast_exp
+    from ..model.step import default_exp
 
-    exp = "exp" if fast_exp() is mx.exp else "power"
-    return {"machine": machine(), "backend": str(mx.default_device()), "blas": blas.STATE.describe(), "decode_exp": exp}
+    env = {"machine": machine(), "backend": str(mx.default_device()), "blas": blas.STATE.describe()}
+    return {**env, "decode_exp": default_exp()}
 
 
 def record(path: Path, key: str, row: dict[str, Any]) -> None:

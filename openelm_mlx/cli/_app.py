@@ -13,6 +13,7 @@ import sys
 import typing
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -86,6 +87,22 @@ def user_errors(tokenizer_option: bool = False) -> Iterator[None]:
     except (OpenELMError, OSError) as e:
         typer.echo(f"error: {error_line(e, tokenizer_option)}", err=True)
         raise typer.Exit(1) from None
+
+
+def model_or_demo(model: str | Path | None) -> str:
+    """`model`, or the bundled demo's folder (with a note on stderr) when none is given: every command that reads
+    a model defaults to the demo."""
+    if model is not None:
+        return str(model)
+    from ..demo import DEMO_DIR, DEMO_NAME
+
+    typer.echo(
+        f"Using the {DEMO_NAME}. For a real model: openelm-mlx convert apple/OpenELM-270M-Instruct "
+        "--tokenizer hf-internal-testing/llama-tokenizer -o OpenELM-270M-Instruct, then "
+        "--model OpenELM-270M-Instruct.",
+        err=True,
+    )
+    return str(DEMO_DIR)
 
 
 def read_stdin_text() -> str:

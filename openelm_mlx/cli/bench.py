@@ -9,7 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ._app import app, user_errors
+from ..bench.speed import DEFAULT_GEN_TOKENS, DEFAULT_PROMPT_TOKENS
+from ..quant.recipes import DEFAULT_GROUP_SIZE
+from ._app import app, model_or_demo, user_errors
 
 
 def _tokenizer_for_cli(model: Any, tokenizer: str | None, folder: str | None) -> Any:
@@ -30,12 +32,12 @@ def _build_model(model: str | None, arch: str | None, arch_config: str | None, d
     from ..errors import OptionError
     from ..folders.arch import resolve_arch
 
-    if (model is None) == (arch is None and arch_config is None):
+    if model is not None and (arch is not None or arch_config is not None):
         raise OptionError("model", "give either --model or --arch (random weights)")
-    if model is not None:
+    if arch is None and arch_config is None:
         from ..folders.io import load_model
 
-        return load_model(model, dtype=dtype)
+        return load_model(model_or_demo(model), dtype=dtype)
     return random_model(resolve_arch(arch, arch_config), dtype or "float32", seed)
 
 
@@ -68,20 +70,32 @@ def _print_report(r: dict[str, Any]) -> None:
 
 @app.command()
 def bench(
-    model: Annotated[str | None, typer.Option(help="MLX model folder to benchmark.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="MLX model folder to benchmark (default: the bundled demo).")
+    ] = None,
     arch: Annotated[str | None, typer.Option(help="A released size with random weights, e.g. OpenELM-270M.")] = None,
     arch_config: Annotated[str | None, typer.Option(hidden=True, help="An architecture file (random weights).")] = None,
     dtype: Annotated[
         str | None, typer.Option(help="float32, bfloat16 or float16 (default: float32 / as saved).")
     ] = None,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p", help="Prompt length.")] = 128,
-    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", help="Tokens to generate.")] = 64,
+    prompt_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--prompt-tokens", "-p", help=f"Prompt length (default: {DEFAULT_PROMPT_TOKENS}, less for a short context)."
+        ),
+    ] = None,
+    gen_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--gen-tokens", "-g", help=f"Tokens to generate (default: {DEFAULT_GEN_TOKENS}, less for a short context)."
+        ),
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs of each (after one warm-up); medians are reported.")] = 3,
     compare: Annotated[
         str, typer.Option(help="mlx-lm: also run mlx-lm in process and its CLI; none: only ours.")
     ] = "mlx-lm",
     quantize: Annotated[int | None, typer.Option(help="Quantize the weights to this many bits (4 or 8) first.")] = None,
-    group_size: Annotated[int, typer.Option(help="Group size for --quantize.")] = 64,
+    group_size: Annotated[int, typer.Option(help="Group size for --quantize.")] = DEFAULT_GROUP_SIZE,
     tokenizer: Annotated[
         str | None, typer.Option(help="tokenizer.model for mlx-lm's CLI run (default: the model's, or the demo's).")
     ] = None,
@@ -95,23 +109,31 @@ def bench(
 
     with user_errors():
         b.check_options(prompt_tokens, gen_tokens, repeats, dtype or "float32")
+        if model is None and arch is None and arch_config is None:
+            model = model_or_demo(None)
         if json is not None:
             from ..folders.fs import check_output_file
 
-            check_output_file(json, force, option="json")
+            given = [p for p in (model, tokenizer, arch_config) if p]
+            check_output_file(
+                json, force, inputs=given, inputs_are="inputs of this command", what="results", option="json"
+            )
         elif force:
             raise OptionError("force", "takes effect only with --json")
         if compare not in ("mlx-lm", "none"):
             raise OptionError("compare", f"must be mlx-lm or none, got {compare!r}")
         if quantize is not None and quantize not in (4, 8):
             raise OptionError("quantize", f"must be 4 or 8, got {quantize}")
-        if quantize is None and group_size != 64:
+        if quantize is None and group_size != DEFAULT_GROUP_SIZE:
             raise OptionError("group_size", "takes effect only with --quantize")
         if quantize is not None:
             from ..quant.recipes import check_settings
 
             check_settings(quantize, group_size)
         m = _build_model(model, arch, arch_config, dtype, seed)
+        prompt_tokens, gen_tokens, shrunk = b.fit_lengths(prompt_tokens, gen_tokens, m.config.max_context_length)
+        if shrunk:
+            typer.echo(f"note: {shrunk}", err=True)
         if quantize is not None:
             from ..quant.recipes import quantize_model
 

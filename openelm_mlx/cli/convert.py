@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..errors import OptionError
-from ._app import app, user_errors
+from ..quant.run import RTN_SETTINGS, QuantizeOptions
+from ._app import app, model_or_demo, user_errors
+
+_Q = {f.name: f for f in dataclasses.fields(QuantizeOptions) if f.name in RTN_SETTINGS}
+
+
+def _q_option(name: str) -> Any:
+    """convert's --q-NAME option: the help of `quantize`'s --NAME (the default is taken from the same field)."""
+    return typer.Option(help=f"With -q: {_Q[name].metadata['help']}")
 
 
 @app.command()
@@ -23,10 +32,15 @@ def convert(
         int | None, typer.Option(help="Keep this many embedding rows (CoreNet pads to 32128).")
     ] = None,
     quantize: Annotated[
-        bool, typer.Option("-q", "--quantize", help="Affine-quantize Linear layers and embedding.")
+        bool,
+        typer.Option(
+            "-q", "--quantize", help="Quantize Linear layers and embedding by round to nearest (as `quantize` does)."
+        ),
     ] = False,
-    q_bits: Annotated[int, typer.Option(help="Bits per weight: 2, 3, 4, 5, 6 or 8.")] = 4,
-    q_group_size: Annotated[int, typer.Option(help="Quantization group size: 32, 64 or 128.")] = 64,
+    q_bits: Annotated[int, _q_option("bits")] = _Q["bits"].default,
+    q_group_size: Annotated[int, _q_option("group_size")] = _Q["group_size"].default,
+    q_recipe: Annotated[str | None, _q_option("recipe")] = _Q["recipe"].default,
+    q_embedding_bits: Annotated[str | None, _q_option("embedding_bits")] = _Q["embedding_bits"].default,
     force: Annotated[
         bool,
         typer.Option(
@@ -43,8 +57,11 @@ def convert(
     from ..convert import convert as run_convert
 
     with user_errors(tokenizer_option=True):
-        if not quantize and (q_bits, q_group_size) != (4, 64):
-            raise OptionError("q_bits", "and q_group_size take effect only with -q/--quantize")
+        q = {"bits": q_bits, "group_size": q_group_size, "recipe": q_recipe, "embedding_bits": q_embedding_bits}
+        opts = _quantize_options(q) if quantize else None
+        given = [name for name, value in q.items() if value != _Q[name].default]
+        if not quantize and given:
+            raise OptionError(f"q_{given[0]}", "takes effect only with -q/--quantize")
         report = run_convert(
             src,
             output,
@@ -53,9 +70,7 @@ def convert(
             arch=arch,
             arch_config=arch_config,
             vocab_size=vocab_size,
-            quantize=quantize,
-            q_bits=q_bits,
-            q_group_size=q_group_size,
+            quantize=opts,
             force=force,
             chat_template=chat_template,
         )
@@ -64,13 +79,23 @@ def convert(
             line += f", {report.bits_per_weight:.2f} bits per weight"
         typer.echo(line + f" in {report.seconds:.1f}s")
         for layer in report.float_layers:
-            typer.echo(f"note: {layer} stays float (its width is not a multiple of {q_group_size})")
+            typer.echo(f"note: {layer} stays float (its width is not a multiple of its group size)")
+
+
+def _quantize_options(settings: dict[str, Any]) -> QuantizeOptions:
+    """`quantize`'s settings from convert's --q-* options (errors name the --q-* option)."""
+    try:
+        return QuantizeOptions(**settings)
+    except OptionError as e:
+        raise OptionError(f"q_{e.option}" if e.option in RTN_SETTINGS else e.option, e.detail) from None
 
 
 @app.command()
 def export(
-    src: Annotated[Path, typer.Argument(help="An MLX model folder (quantized models are dequantized).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output Hugging Face folder.")],
+    src: Annotated[
+        Path | None, typer.Argument(help="An MLX model folder (quantized ones are dequantized; default: the demo).")
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="float16, bfloat16 or float32 (default: the model's).")] = None,
     force: Annotated[
         bool, typer.Option(help="Write into a folder openelm-mlx did not create (only its own files are replaced).")
@@ -80,7 +105,7 @@ def export(
     from ..convert import export as run_export
 
     with user_errors():
-        report = run_export(src, output, dtype=dtype, force=force)
+        report = run_export(model_or_demo(src), output, dtype=dtype, force=force)
         typer.echo(
             f"wrote {report.output}: {report.tensors} tensors, {report.dtype}, "
             f"{report.bytes_on_disk / 1e6:.1f} MB in {report.seconds:.1f}s"

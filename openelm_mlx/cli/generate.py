@@ -11,7 +11,7 @@ from ..bench import blas
 from ..errors import OptionError
 from ..folders.io import parse_dtype
 from ..generation.generate import GenerationConfig
-from ._app import app, read_stdin_text, settings_options, user_errors
+from ._app import app, model_or_demo, read_stdin_text, settings_options, user_errors
 
 ModelOpt = Annotated[str | None, typer.Option(help="MLX model folder or Hub repo id (default: the bundled demo).")]
 TokenizerOpt = Annotated[
@@ -47,19 +47,10 @@ def load_for_generation(
     draft model shares its tokenizer and is checked against it. A note on stderr follows a successful load where
     float32 would be much faster.
     """
-    from ..demo import DEMO_DIR, DEMO_NAME
     from ..folders.io import load
     from ..generation.generate import check_draft_model
 
-    if model is None:
-        typer.echo(
-            f"Using the {DEMO_NAME}. For a real model: openelm-mlx convert apple/OpenELM-270M-Instruct "
-            "--tokenizer hf-internal-testing/llama-tokenizer -o OpenELM-270M-Instruct, then "
-            "--model OpenELM-270M-Instruct.",
-            err=True,
-        )
-        model = str(DEMO_DIR)
-    m, tok = load(model, tokenizer=tokenizer, dtype=dtype)
+    m, tok = load(model_or_demo(model), tokenizer=tokenizer, dtype=dtype)
     if adapter_path is not None:
         from ..training.lora import load_adapters
 
@@ -105,8 +96,19 @@ def _print_stats(last: Any, drafted: int, draft: bool) -> None:
 @app.command()
 @settings_options(GenerationConfig)
 def generate(
-    prompt: Annotated[str, typer.Option(help="The prompt; '-' reads it from stdin.")],
     settings: dict[str, Any],
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(help="The prompt; '-' reads it from stdin. Repeat it to decode several prompts together."),
+    ] = None,
+    prompts_file: Annotated[
+        str | None,
+        typer.Option(help="A text file with one prompt per line (empty lines skipped), decoded together."),
+    ] = None,
+    json_lines: Annotated[
+        bool,
+        typer.Option("--json", help="With several prompts: one JSON object per line (prompt, text, finish_reason)."),
+    ] = False,
     model: ModelOpt = None,
     tokenizer: TokenizerOpt = None,
     adapter_path: AdapterOpt = None,
@@ -121,7 +123,9 @@ def generate(
     dtype: DtypeOpt = None,
     verbose: Annotated[bool, typer.Option(help="Print tokens/s and peak memory on stderr.")] = False,
 ) -> None:
-    """Generate text; it streams to stdout (and nothing else goes there)."""
+    """Generate text; it streams to stdout (and nothing else goes there). Several prompts (--prompt repeated, or
+    --prompts-file) are decoded together and answered one per line, in order (newlines in an answer written as
+    \\n), or as JSON lines with --json."""
     from ..generation.generate import stream_generate
 
     with user_errors(tokenizer_option=True):
@@ -130,8 +134,16 @@ def generate(
             raise OptionError("num_draft_tokens", "takes effect only with a draft model")
         if dtype is not None:
             parse_dtype(dtype)
-        if prompt == "-":
-            prompt = read_stdin_text()
+        prompts = _read_prompts(prompt or [], prompts_file)
+        if json_lines and len(prompts) == 1 and prompts_file is None:
+            raise OptionError("json", "takes effect with several prompts (--prompt repeated or --prompts-file)")
+        if len(prompts) > 1 or prompts_file is not None:
+            if draft_model is not None:
+                raise OptionError("draft_model", "is a single-prompt feature (speculative decoding)")
+            m, tok, _ = load_for_generation(model, tokenizer, adapter_path, None, dtype)
+            _generate_many(m, tok, prompts, config, system, chat, json_lines, verbose)
+            return
+        prompt = prompts[0]
         m, tok, draft = load_for_generation(model, tokenizer, adapter_path, draft_model, dtype)
         last, drafted = None, 0
         for step in stream_generate(m, tok, prompt, config=config, system=system, chat=chat, draft_model=draft):
@@ -144,8 +156,53 @@ def generate(
             _print_stats(last, drafted, draft is not None)
 
 
+def _read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+    """The prompts of --prompt (stdin for '-') and --prompts-file, in order; at least one."""
+    from ..folders.fs import require_regular_file
+
+    if prompts.count("-") > 1:
+        raise OptionError("prompt", "'-' (stdin) can be given once")
+    out = [read_stdin_text() if p == "-" else p for p in prompts]
+    if prompts_file is not None:
+        from pathlib import Path
+
+        path = require_regular_file(Path(prompts_file))
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise OptionError("prompts_file", f"{path} holds no prompt (one per line)")
+        out += lines
+    if not out:
+        raise OptionError("prompt", "is required (or --prompts-file)")
+    return out
+
+
+def _generate_many(
+    m: Any, tok: Any, prompts: list[str], config: Any, system: Any, chat: Any, json_lines: bool, verbose: bool
+) -> None:
+    """Answers to several prompts decoded together on the engine, one line each in order."""
+    import json
+    import time
+
+    from ..generation.generate import generate_batch
+
+    tic = time.perf_counter()
+    answers = generate_batch(m, tok, prompts, config=config, system=system, chat=chat)
+    elapsed = time.perf_counter() - tic
+    for p, a in zip(prompts, answers):
+        line = json.dumps({"prompt": p, "text": a}, ensure_ascii=False) if json_lines else a.replace("\n", "\\n")
+        sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    if verbose:
+        tokens = sum(len(tok.encode(a, add_bos=False)) for a in answers)
+        typer.echo(
+            f"{len(prompts)} prompts in {elapsed:.2f} s, about {tokens / elapsed:.1f} generated tokens/s", err=True
+        )
+        typer.echo(f"BLAS: {blas.STATE.describe()}", err=True)
+
+
 @app.command()
-@settings_options(GenerationConfig, defaults={"max_tokens": 512}, only=CHAT_SETTINGS)
+@settings_options(GenerationConfig, only=CHAT_SETTINGS)
 def chat(
     settings: dict[str, Any],
     model: ModelOpt = None,
@@ -185,11 +242,16 @@ def chat(
 
 
 def _answer(session: Any, line: str) -> None:
+    from ._app import error_line
+
     answer = session.send(line)
     try:
         for step in answer:
             sys.stdout.write(step.text)
             sys.stdout.flush()
+    except OptionError as e:  # the conversation is full: say so and keep the session
+        typer.echo(f"error: {error_line(e)}", err=True)
+        return
     except KeyboardInterrupt:
         answer.close()  # the session trims its cache back to what was shown
         sys.stdout.write(" [stopped]")

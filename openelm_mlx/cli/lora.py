@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ..training.lora import PAPER_RECIPE, LoraConfig
-from ._app import app, flag, settings_options, user_errors
+from ._app import app, flag, model_or_demo, settings_options, user_errors
 
 RECIPE_HELP = "'paper': the OpenELM paper's PEFT settings: " + ", ".join(
     f"{flag(k)} {v}" for k, v in PAPER_RECIPE.items()
@@ -26,7 +27,10 @@ def _explicit(ctx: typer.Context, names: list[str]) -> set[str]:
 def lora(
     ctx: typer.Context,
     settings: dict[str, Any],
-    model: Annotated[str | None, typer.Option(help="Model folder or Hub repo; a quantized model trains QLoRA.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model folder or Hub repo; a quantized model trains QLoRA (default: the bundled demo)."),
+    ] = None,
     tokenizer: Annotated[
         str | None, typer.Option(help="tokenizer.model, a folder or Hub repo (default: the model's).")
     ] = None,
@@ -52,6 +56,8 @@ def lora(
         paths = {"model": model, "tokenizer": tokenizer, "data": data, "adapter_path": adapter_path}
         given = {k: str(v) for k, v in paths.items() if v is not None}
         cfg = make_config({**settings, **given}, _explicit(ctx, list(settings)) | set(given), recipe, config)
+        if not cfg.model:  # neither typed nor in --config
+            cfg = dataclasses.replace(cfg, model=model_or_demo(None))
         metrics = finetune(cfg, progress=True)
         summary = f"step {metrics['step']}: loss {metrics['loss']:.4f}"
         if "val_loss" in metrics:
@@ -63,9 +69,12 @@ def lora(
 
 @app.command()
 def fuse(
-    model: Annotated[str, typer.Option(help="The base model folder or Hub repo the adapters were trained on.")],
     adapter_path: Annotated[Path, typer.Option(help="Adapter folder written by `lora`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the fused model folder.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="The base model folder or Hub repo the adapters were trained on (default: the demo)."),
+    ] = None,
     dequantize: Annotated[bool, typer.Option(help="Write a float model from a quantized base.")] = False,
     tokenizer: Annotated[
         str | None, typer.Option(help="tokenizer.model, a folder or Hub repo (default: the model's).")
@@ -76,7 +85,7 @@ def fuse(
     from ..training.lora import fuse_model
 
     with user_errors(tokenizer_option=True):
-        result = fuse_model(model, adapter_path, output, dequantize, tokenizer, force)
+        result = fuse_model(model_or_demo(model), adapter_path, output, dequantize, tokenizer, force)
         note = f"fused (logits within {result['fuse_error']:.1e} relative)"
         if "requantize_error" in result:
             note += f", quantized again ({result['requantize_error']:.1e} relative change from requantizing)"

@@ -9,19 +9,22 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import OptionError
+from ..evaluate.perplexity import SEQ_LEN_HELP, text_windows, window_length
 from ..evaluate.perplexity import perplexity as run_perplexity
-from ..evaluate.perplexity import text_windows
 from ..folders.io import load
 from ..quant.run import QuantizeOptions, QuantizeReport, dequantize_folder, quantize_folder
-from ._app import app, settings_options, user_errors
+from ._app import app, model_or_demo, settings_options, user_errors
 
 
 @app.command()
 @settings_options(QuantizeOptions)
 def quantize(
-    src: Annotated[Path, typer.Argument(help="A float MLX model folder (or, with --dequantize, a quantized one).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output model folder.")],
     settings: dict[str, Any],
+    src: Annotated[
+        Path | None,
+        typer.Argument(help="A float MLX model folder (or, with --dequantize, a quantized one; default: the demo)."),
+    ] = None,
     eval: Annotated[
         list[Path] | None, typer.Option("--eval", help="Text to report perplexity before/after and KL on.")
     ] = None,
@@ -30,6 +33,7 @@ def quantize(
 ) -> None:
     """Quantize a model (MLX affine: uniform, mixed recipes, a bits-per-weight target, or GPTQ)."""
     with user_errors():
+        src = Path(model_or_demo(src))
         if dequantize:
             defaults = {f.name: f.default for f in dataclasses.fields(QuantizeOptions) if f.name in settings}
             given = sorted(k for k, v in settings.items() if v != defaults[k] and v != ())
@@ -64,15 +68,20 @@ def _print_report(report: QuantizeReport) -> None:
 
 @app.command()
 def perplexity(
-    model: Annotated[Path, typer.Option(help="MLX model folder (float or quantized).")],
     data: Annotated[list[Path], typer.Option(help="Text (.txt/.jsonl) to score; repeatable.")],
-    seq_len: Annotated[int, typer.Option(help="Tokens scored per window (each window starts with BOS).")] = 256,
+    model: Annotated[
+        Path | None, typer.Option(help="MLX model folder (float or quantized; default: the bundled demo).")
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option(help=f"{SEQ_LEN_HELP} Each window starts with BOS.")] = None,
     num_samples: Annotated[int | None, typer.Option(help="Windows to use, evenly spaced (default: all).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
 ) -> None:
     """Perplexity of a model on text."""
     with user_errors():
-        lm, tok = load(model)
+        lm, tok = load(model_or_demo(model))
+        seq_len, shrunk = window_length(lm.config, seq_len)
+        if shrunk:
+            typer.echo(f"note: {shrunk}", err=True)
         windows = text_windows(tok, [str(p) for p in data], seq_len, num_samples)
         r = run_perplexity(lm, windows, batch_size, progress=True)
         typer.echo(f"perplexity {r.perplexity:.3f} (loss {r.nll:.4f}) over {r.tokens} tokens in {r.windows} windows")

@@ -71,6 +71,26 @@ def text_windows(tokenizer: Any, paths: Sequence[str | Path], seq_len: int, num_
     return make_windows(read_tokens(tokenizer, paths), seq_len, tokenizer.bos_id, num_samples, str(paths[0]))
 
 
+DEFAULT_SEQ_LEN = 256  # tokens per window, unless the model's context is shorter
+SEQ_LEN_HELP = f"Tokens per window (default: {DEFAULT_SEQ_LEN}, or the model's context if shorter)."
+
+
+def window_length(config: Any, seq_len: int | None = None) -> tuple[int, str | None]:
+    """The window length for a model: `seq_len` checked against its context, or by default DEFAULT_SEQ_LEN
+    shrunk to the context, with a note saying so (else None).
+
+    Raises:
+        OptionError: a given `seq_len` past the model's context.
+    """
+    if seq_len is not None:
+        check_context(config, seq_len)
+        return seq_len, None
+    limit = config.max_context_length
+    if DEFAULT_SEQ_LEN <= limit:
+        return DEFAULT_SEQ_LEN, None
+    return limit, f"windows of {limit} tokens, the model's max_context_length (the default is {DEFAULT_SEQ_LEN})"
+
+
 def check_context(config: Any, seq_len: int) -> None:
     """Windows must fit the model's context (`config.max_context_length`): past it, RoPE runs but the
     scores mean nothing, and training there teaches nothing the model will use."""

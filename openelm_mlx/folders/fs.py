@@ -3,11 +3,15 @@
 A folder we write records the files it wrote in `OWNED_FILE`. Updating it builds the new folder
 beside it, swaps the two with renames, then carries over every entry we did not write. A run
 killed at any point is repaired (or its temporaries removed) the next time the same folder is written.
+One process writes a folder at a time (a `.NAME.lock` file beside it, flock'ed); temporaries carry their
+owner's process id and are removed only once it has gone. A full disk or a file-size limit is one WriteError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import fnmatch
 import json
 import logging
@@ -15,26 +19,85 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import CheckpointError, OptionError
+from ..errors import CheckpointError, OpenELMError, OptionError
 
 OWNED_FILE = ".openelm-mlx-files.json"
 WEIGHT_PATTERN = "model*.safetensors"  # what loaders read as weights, so no stranger may stay beside ours
 WEIGHT_KINDS = ("model", "hf-model")
 log = logging.getLogger("openelm_mlx")
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
+class WriteError(OpenELMError):
+    """An output could not be written (a full disk, a file-size limit); the message names the folder and why."""
+
+
+def write_failure(e: BaseException, where: Path) -> str | None:
+    """Why writing into `where` failed, when `e` is a failed write (a full disk, a file-size limit, ...); else None.
+
+    MLX reports its failed writes as RuntimeError("[write] Unable to write N bytes ...") without the reason,
+    so the reason is found from the file-size limit and the free space.
+    """
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        reason = os.strerror(e.errno).lower()
+    elif isinstance(e, RuntimeError) and str(e).startswith(("[write]", "[save_safetensors]", "[save]")):
+        reason = " ".join(str(e).split())
+    else:
+        return None
+    import resource  # POSIX only, like the rest of this module's renames
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and (not isinstance(e, OSError) or e.errno == errno.EFBIG):
+        return f"the file-size limit (ulimit -f) of {limit} bytes was reached"
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or free < 64 << 20:
+            return f"no space left on the device ({free / 1e6:.1f} MB free)"
+    return reason
+
+
+@contextlib.contextmanager
+def named_write_errors(dest: Path, what: str = "the output") -> Iterator[None]:
+    """Turn a failed write (see `write_failure`) into one WriteError naming `dest` and the cause."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OpenELMError) or (reason := write_failure(e, dest)) is None:
+            raise
+        raise WriteError(f"{dest}: could not write {what}: {reason}; nothing was changed") from None
+
+
+def entry_problem(path: Path) -> str | None:
+    """None when `path` is a regular file (symlinks followed); else what it is instead, e.g. "a FIFO"."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a symbolic link to nothing" if os.path.lexists(path) else "no such file"
+    except OSError as e:
+        return (e.strerror or "cannot be read").lower()
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    kind = next((name for test, name in kinds if test(mode)), "a special file")
+    return f"not a regular file ({kind})"
 
 
 def require_regular_file(path: Path) -> Path:
     """`path` if it is a regular file (symlinks followed); raise CheckpointError for FIFOs, devices, folders."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise CheckpointError(f"{path}: {e.strerror.lower() if e.strerror else 'cannot be read'}") from None
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-        raise CheckpointError(f"{path}: {kind} (expected a file)")
+    problem = entry_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     return path
 
 
@@ -62,7 +125,102 @@ def owned_files(folder: Path) -> set[str] | None:
 
 
 def _siblings(dest: Path, kind: str) -> list[Path]:
-    return sorted(dest.parent.glob(f".{dest.name}.{kind}-*"))
+    """Temporaries of `dest` (`.NAME.tmp-PID-...`) whose owner is dead: never one of a live process's."""
+    return sorted(p for p in dest.parent.glob(f".{dest.name}.{kind}-*") if not _owner_alive(p.name))
+
+
+def _temporary_prefix(dest: Path, kind: str) -> str:
+    return f".{dest.name}.{kind}-{os.getpid()}-"
+
+
+def _owner_alive(name: str) -> bool:
+    """The process whose id a temporary's name records (`...tmp-PID-xxxx`) still runs (pre-pid names: no owner)."""
+    pid = name.rpartition(".")[2].split("-")[1:2]
+    if not pid or not pid[0].isdigit():
+        return False
+    try:
+        os.kill(int(pid[0]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+_HELD: dict[Path, list[int]] = {}  # lock file -> [fd, depth]: locks this process holds (re-entrant)
+_HELD_GUARD = threading.Lock()
+
+
+def _lock_file(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.lock"
+
+
+def claim_folder(dest: str | Path) -> None:
+    """Hold the lock of the output folder `dest` (a `.NAME.lock` file beside it, flock'ed) until `release_folder`.
+
+    Re-entrant within this process; another process holding it makes this raise at once.
+
+    Raises:
+        CheckpointError: another process is writing `dest` now.
+    """
+    dest = output_path(dest)
+    lock = _lock_file(dest)
+    with _HELD_GUARD:
+        if lock in _HELD:
+            _HELD[lock][1] += 1
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise CheckpointError(
+                    f"{dest}: another openelm-mlx run (process {owner}) is writing this folder now; wait for it to "
+                    "finish or choose another folder"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break  # still the file at that path (not one a releasing owner just removed)
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _HELD[lock] = [fd, 1]
+
+
+def release_folder(dest: str | Path) -> None:
+    """Release what `claim_folder(dest)` took (the last release removes the lock file); a no-op when not held."""
+    lock = _lock_file(output_path(dest))
+    with _HELD_GUARD:
+        if lock not in _HELD:
+            return
+        _HELD[lock][1] -= 1
+        if _HELD[lock][1] > 0:
+            return
+        fd = _HELD.pop(lock)[0]
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still locked: a waiting process then finds it gone and opens a fresh one
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(dest: str | Path) -> Iterator[None]:
+    """`claim_folder` for the duration of a `with` block."""
+    claim_folder(dest)
+    try:
+        yield
+    finally:
+        release_folder(dest)
+
+
+def remove_stale(folder: Path, pattern: str) -> int:
+    """Remove the entries of `folder` matching `pattern` whose owning process is dead; return how many."""
+    stale = [p for p in folder.glob(pattern) if not _owner_alive(p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
 
 
 def recover(dest: Path) -> None:
@@ -110,8 +268,9 @@ def check_output_file(
     what: str = "output",
     option: str = "output",
 ) -> Path:
-    """Refuse, before any work is done, an output file that would lose something: one of the `inputs`, an
-    existing entry that is not a regular file, or an existing file unless `force`. Returns the path.
+    """Refuse, before any work is done, an output file that would lose something: one of the `inputs` or a
+    path inside an input folder (with or without `force`), an existing entry that is not a regular file, or
+    an existing file unless `force`. Returns the path.
 
     Raises:
         OptionError: `option` (the one naming the file) or `force`, naming the file.
@@ -119,9 +278,12 @@ def check_output_file(
     path = Path(path)
     if not str(path).strip():
         raise OptionError(option, "is an empty path")
+    for given in inputs:
+        if _inside(path, Path(given)):
+            raise OptionError(option, f"{path} is inside {given}, one of the {inputs_are}; write the {what} elsewhere")
     if not path.exists() and not path.is_symlink():
         return path
-    if any(path.exists() and os.path.samefile(path, f) for f in inputs):
+    if any(path.exists() and Path(f).exists() and os.path.samefile(path, f) for f in inputs):
         raise OptionError(option, f"{path} is one of the {inputs_are}; write the {what} elsewhere")
     if not path.is_file() or path.is_symlink():
         raise OptionError(option, f"{path} exists and is not a regular file")
@@ -130,13 +292,21 @@ def check_output_file(
     return path
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """`path` (followed through links) lies inside the existing folder `folder`."""
+    if not folder.is_dir():
+        return False
+    target = path.resolve()
+    return any(p.exists() and os.path.samefile(p, folder) for p in target.parents)
+
+
 def write_file_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temporary file beside it and a rename: the old file or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with named_write_errors(path, "the file"), os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, _umask_mode() & 0o666)  # mkstemp makes 0600; files follow the umask
         os.replace(tmp, path)
@@ -216,10 +386,21 @@ def _same_file(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
     return True
 
 
+PROC_STATUS = "/proc/self/status"  # holds the process umask on Linux >= 4.7
+
+
 def _umask_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
+    """0o777 less the process umask, read without setting it (`os.umask` can only be read by changing it,
+    which races with other threads): Linux reports it in /proc/self/status; elsewhere a folder made with
+    mode 0o777 shows what the umask leaves."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(PROC_STATUS).read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o777 & ~int(line.split()[1], 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = os.path.join(tmp, "probe")
+        os.mkdir(probe, 0o777)
+        return stat.S_IMODE(os.stat(probe).st_mode)
 
 
 @contextlib.contextmanager
@@ -239,21 +420,26 @@ def atomic_output_dir(
     """
     dest = output_path(dest)
     check_output(dest, force, kind, inputs)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    recover(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    with folder_lock(dest):
+        recover(dest)
+        yield from _write_output(dest, force, kind, inputs)
+
+
+def _write_output(dest: Path, force: bool, kind: str, inputs: Sequence[str | Path]) -> Iterator[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest, "tmp"), dir=dest.parent))
     os.chmod(tmp, _umask_mode())  # mkdtemp makes 0700; outputs follow the umask like any folder
     try:
-        yield tmp
-        check_output(dest, force, kind, inputs)  # again: the folder may have changed meanwhile
-        _check_names(dest, tmp)
-        names = sorted(f.name for f in tmp.iterdir())
-        (tmp / OWNED_FILE).write_text(json.dumps({"kind": kind, "files": names}, indent=1))
+        with named_write_errors(dest):
+            yield tmp
+            check_output(dest, force, kind, inputs)  # again: the folder may have changed meanwhile
+            _check_names(dest, tmp)
+            names = sorted(f.name for f in tmp.iterdir())
+            (tmp / OWNED_FILE).write_text(json.dumps({"kind": kind, "files": names}, indent=1))
         if not dest.exists():
             os.rename(tmp, dest)
             return
         os.chmod(tmp, stat.S_IMODE(dest.stat().st_mode))  # the folder keeps its permissions
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest, "old"), dir=dest.parent))
         os.rmdir(old)
         os.rename(dest, old)
         os.rename(tmp, dest)

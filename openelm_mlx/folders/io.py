@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from ..errors import CheckpointError, ConfigError, OptionError
+from ..errors import CheckpointError, ConfigError, OptionError, TokenizerNotFoundError
 from ..model.config import FLOAT16_OVERFLOW, OpenELMConfig
 from ..model.decoder import Model
 from ..quant.recipes import apply_quantization, quantization_settings
@@ -195,7 +195,7 @@ def load(
         CheckpointError, TokenizerNotFoundError, HubError: with what to do.
         OptionError: an unknown `dtype` (before anything is read or fetched).
     """
-    from ..generation.tokenizer import find_tokenizer
+    from ..generation.tokenizer import LLAMA_VOCAB_SIZE, TOKENIZER_FILE, find_tokenizer
     from .hub import resolve
 
     if path_or_repo is None or not str(path_or_repo).strip():
@@ -208,15 +208,35 @@ def load(
             check_cast(*read_config(config_folder), target, config_folder)
     folder = resolve(path_or_repo)
     model = load_model(folder, lazy=lazy, dtype=dtype)
-    tok = find_tokenizer(folder, tokenizer, chat_template, name=str(path_or_repo))
+    try:
+        tok = find_tokenizer(folder, tokenizer, chat_template, name=str(path_or_repo))
+    except TokenizerNotFoundError:
+        if model.config.vocab_size == LLAMA_VOCAB_SIZE:
+            raise  # Apple's models: its message says how to attach the LLaMA tokenizer
+        raise CheckpointError(
+            f"{folder} has no {TOKENIZER_FILE}, and its {model.config.vocab_size}-token vocabulary is not the LLaMA "
+            f"tokenizer's {LLAMA_VOCAB_SIZE}: give the tokenizer this model was trained with"
+        ) from None
     check_tokenizer(tok, model.config)
     return model, tok
 
 
 def check_tokenizer(tokenizer: Any, config: OpenELMConfig) -> None:
-    """A tokenizer must fit the model: more pieces than embedding rows would index past the table."""
-    if tokenizer.vocab_size > config.vocab_size:
+    """A tokenizer must fit the model exactly: more pieces than embedding rows would index past the table, fewer
+    leave ids the model can produce that the tokenizer cannot decode.
+
+    Raises:
+        CheckpointError: naming the tokenizer file and both sizes.
+    """
+    pieces, rows = tokenizer.vocab_size, config.vocab_size
+    if pieces > rows:
         raise CheckpointError(
-            f"{tokenizer.model_file}: has {tokenizer.vocab_size} pieces but the model's vocabulary is "
-            f"{config.vocab_size}: this tokenizer does not belong to this model"
+            f"{tokenizer.model_file}: has {pieces} pieces but the model's vocabulary is "
+            f"{rows}: this tokenizer does not belong to this model"
+        )
+    if pieces < rows:
+        raise CheckpointError(
+            f"{tokenizer.model_file}: has {pieces} pieces but the model's vocabulary is {rows}: this tokenizer "
+            f"does not belong to this model (if rows {pieces} and up are padding, as in CoreNet checkpoints, "
+            f"convert the checkpoint again with this tokenizer or a vocabulary size of {pieces})"
         )

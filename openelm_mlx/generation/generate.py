@@ -1,16 +1,13 @@
-"""Generation: tokenizer-free token streams on mlx-lm's KV caches and samplers, text streaming on top.
+"""Generation on the engine: token streams (`generate_tokens`), text streams (`stream_generate`) and whole answers
+for one prompt or a batch (`generate`). Every setting lives in one `GenerationConfig`.
 
-Every setting lives in one `GenerationConfig`. `generate_tokens` works on ids and any model with the
-`model(tokens, cache) -> logits` contract; `stream_generate` / `generate` add the tokenizer, the
-Instruct template and stop strings.
+Everything runs on `engine.Engine` except the two single-stream features mlx-lm's loops provide: speculative decoding
+(a draft model) and a quantized KV cache (`kv_bits`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import numbers
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,110 +15,25 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate_step, speculative_generate_step
-from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.models.cache import make_prompt_cache
 
-from ..errors import OptionError, check_range, settings_field
+from ..errors import OptionError
 from ..model.step import decoder_for
+from .engine import Engine, Row, RowSampler
+from .settings import (
+    MAX_TOKENS,
+    MIN_KV_SIZE,
+    GenerationConfig,
+    check_context,
+    check_prompt_ids,
+    kv_group_size_for,
+    prefill_step,
+    resolve_config,
+)
 from .tokenizer import Message, Tokenizer
 
 Prompt = str | Sequence[Message] | Sequence[int]
-Sampler = Callable[[mx.array], mx.array]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-KV_BITS = (2, 3, 4, 5, 6, 8)
-KV_GROUP_SIZES = (32, 64, 128)
-MAX_TOKENS = 1 << 31  # far past any context; beyond it a number is a typo, not a request
-MIN_KV_SIZE = 8  # a rotating cache keeps the first 4 tokens and needs room to rotate
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Every generation setting, checked once when built (an out-of-range value raises OptionError).
-
-    Attributes:
-        max_tokens: most tokens to generate (>= 1).
-        temp: sampling temperature (0: greedy); top_p: nucleus mass in (0, 1] (1: off);
-            top_k: k likeliest tokens (0: off); min_p: drop tokens below min_p x the top probability.
-        repetition_penalty: e.g. 1.2 (None: off) over the last `repetition_context_size` tokens.
-        seed: seeds MLX's random state first, so the same seed gives the same sample.
-        stop: strings that end generation (not included in the text).
-        max_kv_size: a rotating KV cache of this many tokens (None: unbounded).
-        kv_bits / kv_group_size: a quantized KV cache (group size default: the largest of 64, 32
-            that divides the model's head_dim).
-        num_draft_tokens: tokens a draft model proposes per step (speculative decoding).
-    """
-
-    max_tokens: int = settings_field(256, "Most tokens to generate.")
-    temp: float = settings_field(0.0, "Sampling temperature (0: greedy).")
-    top_p: float = settings_field(1.0, "Nucleus sampling mass in (0, 1] (1: off).")
-    top_k: int = settings_field(0, "Sample among the k likeliest tokens (0: off).")
-    min_p: float = settings_field(0.0, "Drop tokens below min_p x the top probability (0: off).")
-    repetition_penalty: float | None = settings_field(
-        None, "Penalty for repeating recent tokens; Apple's model card suggests 1.2."
-    )
-    repetition_context_size: int = settings_field(20, "How many recent tokens the repetition penalty looks at.")
-    seed: int | None = settings_field(None, "Random seed (same seed, same sample).")
-    stop: tuple[str, ...] = settings_field((), "Stop at this string (repeatable; not printed).")
-    max_kv_size: int | None = settings_field(None, "Rotating KV cache of this many tokens (>= 8), for long runs.")
-    kv_bits: int | None = settings_field(None, "Quantize the KV cache to this many bits (4 or 8 are typical).")
-    kv_group_size: int | None = settings_field(
-        None, "Group size of the quantized KV cache (default: 64, or 32 when 64 does not divide head_dim)."
-    )
-    num_draft_tokens: int = settings_field(3, "Tokens the draft model proposes per step.")
-
-    def __post_init__(self) -> None:
-        check_range("max_tokens", self.max_tokens, 1, MAX_TOKENS, integer=True)
-        check_range("temp", self.temp, 0, 100)
-        check_range("top_p", self.top_p, 0, 1, low_open=True)
-        check_range("top_k", self.top_k, 0, integer=True)
-        check_range("min_p", self.min_p, 0, 1)
-        check_range("repetition_penalty", self.repetition_penalty, 0, 100, low_open=True)
-        check_range("repetition_context_size", self.repetition_context_size, 1, integer=True)
-        check_range("seed", self.seed, 0, 2**63 - 1, integer=True)
-        check_range("max_kv_size", self.max_kv_size, MIN_KV_SIZE, integer=True)
-        check_range("num_draft_tokens", self.num_draft_tokens, 1, 64, integer=True)
-        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
-            raise OptionError("kv_bits", f"must be one of {KV_BITS}, got {self.kv_bits!r}")
-        if self.kv_group_size is not None and self.kv_group_size not in KV_GROUP_SIZES:
-            raise OptionError("kv_group_size", f"must be one of {KV_GROUP_SIZES}, got {self.kv_group_size!r}")
-        if self.kv_group_size is not None and self.kv_bits is None:
-            raise OptionError("kv_group_size", "takes effect only with kv_bits (a quantized KV cache)")
-        if self.kv_bits is not None and self.max_kv_size is not None:
-            raise OptionError("kv_bits", "cannot be combined with max_kv_size (a rotating cache cannot be quantized)")
-        stops = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if not all(isinstance(s, str) for s in stops):
-            raise OptionError("stop", f"must be strings, got {self.stop!r}")
-        object.__setattr__(self, "stop", tuple(s for s in stops if s))
-
-    def replace(self, **settings: Any) -> GenerationConfig:
-        """A copy with some settings changed (validated again)."""
-        return dataclasses.replace(self, **settings) if settings else self
-
-
-def prefill_step() -> int:
-    """Prompt tokens per forward pass. On the CPU backend 256 (a 1024-token prompt of the 270M model: 210 tok/s,
-    against 191 at 512 and 165 in one pass; `benchmarks/prefill_chunks.py`), 512 on the GPU."""
-    return 256 if mx.default_device() == mx.cpu else 512
-
-
-def resolve_config(config: GenerationConfig | None, settings: dict[str, Any]) -> GenerationConfig:
-    """`config` (default: all defaults) with keyword `settings` applied; unknown names raise TypeError."""
-    unknown = set(settings) - {f.name for f in dataclasses.fields(GenerationConfig)}
-    if unknown:
-        raise TypeError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
-    return (config or GenerationConfig()).replace(**settings)
-
-
-def kv_group_size_for(config: GenerationConfig, head_dim: int) -> int:
-    """The quantized-KV group size: the configured one (checked against head_dim), or the largest of 64/32 that fits."""
-    if config.kv_group_size is not None:
-        if head_dim % config.kv_group_size:
-            raise OptionError("kv_group_size", f"{config.kv_group_size} must divide the model's head_dim {head_dim}")
-        return config.kv_group_size
-    for size in (64, 32):
-        if head_dim % size == 0:
-            return size
-    raise OptionError("kv_bits", f"needs a head_dim divisible by 32; this model's is {head_dim}")
+MAX_BATCH = 32  # rows `generate` decodes at once for a list of prompts
 
 
 @dataclass
@@ -140,16 +52,6 @@ class GenerationStep:
     logprobs: mx.array | None = None  # log-probabilities over the vocabulary for `token`'s step
 
 
-def make_sampling(config: GenerationConfig) -> tuple[Sampler, list[LogitsProcessor]]:
-    """mlx-lm's sampler and logits processors for these settings (temp 0: greedy)."""
-    top_p = config.top_p if config.top_p < 1 else 0.0
-    sampler = make_sampler(temp=config.temp, top_p=top_p, min_p=config.min_p, top_k=config.top_k)
-    processors = make_logits_processors(
-        repetition_penalty=config.repetition_penalty, repetition_context_size=config.repetition_context_size
-    )
-    return sampler, processors
-
-
 def check_draft_model(model: nn.Module, draft_model: nn.Module) -> None:
     """A draft model must share the target's vocabulary, or every draft token would be rejected."""
     ours, theirs = model.config.vocab_size, draft_model.config.vocab_size
@@ -157,43 +59,26 @@ def check_draft_model(model: nn.Module, draft_model: nn.Module) -> None:
         raise OptionError("draft_model", f"has a vocabulary of {theirs} tokens, the model {ours}: they must match")
 
 
-def check_prompt_ids(model: nn.Module, prompt_ids: Sequence[int]) -> None:
-    """A prompt is at least one token, each an int id in the model's vocabulary.
-
-    Raises:
-        OptionError: naming the prompt.
-    """
-    if not prompt_ids:
-        raise OptionError("prompt", "is empty")
-    vocab = model.config.vocab_size
-    if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab for t in prompt_ids):
-        raise OptionError("prompt", f"token ids must be whole numbers in [0, {vocab})")
-
-
-def token_steps(
+def _mlx_lm_steps(
     model: nn.Module,
     prompt_ids: Sequence[int],
     config: GenerationConfig,
-    *,
-    eos_ids: set[int],
-    draft_model: nn.Module | None = None,
-    prompt_cache: list[Any] | None = None,
+    draft_model: nn.Module | None,
+    prompt_cache: list[Any] | None,
 ) -> Iterator[tuple[int, mx.array, bool]]:
-    """Yield (token, logprobs, from_draft) until an id in `eos_ids` (not yielded) or `max_tokens`."""
-    check_prompt_ids(model, prompt_ids)
-    if config.seed is not None:
-        mx.random.seed(config.seed)
-    sampler, processors = make_sampling(config)
-    prompt = mx.array(list(prompt_ids), dtype=mx.uint32)
+    """mlx-lm's single-stream loops, for speculative decoding and a quantized KV cache: (token, logprobs, drafted).
+    They sample with the engine's row sampler (its own random key), so MLX's global random state is never used."""
+    sampler = RowSampler(config)
     common: dict[str, Any] = dict(
-        max_tokens=config.max_tokens, sampler=sampler, logits_processors=processors, prefill_step_size=prefill_step()
+        max_tokens=config.max_tokens,
+        sampler=(lambda logprobs: mx.argmax(logprobs, axis=-1)) if sampler.greedy else sampler.sample,
+        logits_processors=sampler.processors,
+        prefill_step_size=prefill_step(),
     )
     if config.kv_bits is not None:
-        common.update(
-            kv_bits=config.kv_bits,
-            kv_group_size=kv_group_size_for(config, model.config.head_dim),
-            quantized_kv_start=0,
-        )
+        group = kv_group_size_for(config, model.config.head_dim)
+        common.update(kv_bits=config.kv_bits, kv_group_size=group, quantized_kv_start=0)
+    prompt = mx.array(list(prompt_ids), dtype=mx.uint32)
     if draft_model is not None:
         check_draft_model(model, draft_model)
         cache = prompt_cache or make_prompt_cache(model) + make_prompt_cache(draft_model)
@@ -205,16 +90,55 @@ def token_steps(
             prompt_cache=cache,
             **common,
         )
-        items = ((int(t), lp, bool(d)) for t, lp, d in steps)
+        yield from ((int(t), lp, bool(d)) for t, lp, d in steps)
     else:
         cache = prompt_cache or make_prompt_cache(model, max_kv_size=config.max_kv_size)
-        items = (
-            (int(t), lp, False) for t, lp in generate_step(prompt, decoder_for(model), prompt_cache=cache, **common)
-        )
-    for token, logprobs, from_draft in items:
-        if token in eos_ids:
-            return
-        yield token, logprobs, from_draft
+        steps = generate_step(prompt, decoder_for(model), prompt_cache=cache, **common)
+        yield from ((int(t), lp, False) for t, lp in steps)
+
+
+def token_steps(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    config: GenerationConfig,
+    *,
+    eos_ids: set[int],
+    draft_model: nn.Module | None = None,
+    prompt_cache: list[Any] | None = None,
+    on_token: Callable[[int], bool] | None = None,
+) -> Iterator[tuple[int, mx.array, bool]]:
+    """Yield (token, logprobs, from_draft) until an id in `eos_ids` (not yielded), `max_tokens`, or `on_token`
+    returning True (that token is yielded, then the stream ends).
+
+    `prompt_cache` holds the context before `prompt_ids` and is extended in place; it then holds every token fed: the
+    prompt and all generated tokens but the last (and EOS is not fed).
+    """
+    check_prompt_ids(model, prompt_ids)
+    if draft_model is not None or config.kv_bits is not None:
+        for token, logprobs, drafted in _mlx_lm_steps(model, prompt_ids, config, draft_model, prompt_cache):
+            if token in eos_ids:
+                return
+            stop = on_token is not None and on_token(token)
+            yield token, logprobs, drafted
+            if stop:
+                return
+        return
+    engine = Engine(model, max_batch=1, max_kv_size=config.max_kv_size)
+    stop = None if on_token is None else (lambda row, token: on_token(token))
+    row = engine.add(Row(list(prompt_ids), config, frozenset(eos_ids), prompt_cache, logprobs=True, on_token=stop))
+    seen = 0
+    try:
+        while engine.busy:
+            engine.step()
+            if len(row.tokens) > seen:
+                seen = len(row.tokens)
+                yield row.tokens[-1], row.step_logprobs, False
+    finally:
+        if not row.done:  # closed early (Ctrl-C): what was fed goes back to the caller's cache
+            engine.cancel(row)
+            engine.step()
+    if row.error is not None:
+        raise row.error
 
 
 def generate_tokens(
@@ -234,7 +158,7 @@ def generate_tokens(
         prompt_ids: the prompt, BOS included if wanted.
         config: the settings; keyword `settings` (e.g. `max_tokens=20, temp=0.8`) override it.
         draft_model: a smaller model with the same vocabulary for speculative decoding.
-        prompt_cache: a cache to reuse and extend (e.g. across chat turns).
+        prompt_cache: a cache holding the context before `prompt_ids`, extended in place (see `token_steps`).
         eos_ids: ids that end generation (default: the model config's EOS).
     """
     config = resolve_config(config, settings)
@@ -342,16 +266,6 @@ class _Stats:
         return GenerationStep(text, token, from_draft, self.prompt_tokens, self.prompt_tps, self.n, tps, peak, **extra)
 
 
-def _warn_if_too_long(model: nn.Module, ids: Sequence[int]) -> None:
-    limit = model.config.max_context_length
-    if len(ids) > limit:
-        warnings.warn(
-            f"the prompt has {len(ids)} tokens, more than the model's max_context_length {limit}: "
-            "RoPE works past it, but quality is not promised",
-            stacklevel=3,
-        )
-
-
 def stream_generate(
     model: nn.Module,
     tokenizer: Tokenizer,
@@ -369,17 +283,28 @@ def stream_generate(
     `prompt` is a string, a chat message list, or token ids. Strings use the Instruct template when
     `chat` (default: when the tokenizer has one). Generation ends at EOS, a stop string (not
     included), or `max_tokens`; the last step has `token == -1` and the `finish_reason`.
+
+    Raises:
+        OptionError: the prompt does not fit the model's context (with room for one token), or a setting is bad.
     """
     config = resolve_config(config, settings)
     ids = encode_prompt(tokenizer, prompt, system, chat)
-    _warn_if_too_long(model, ids)
+    if prompt_cache is None:
+        check_context(model, ids)
     text, stats = TextStream(tokenizer, ids, config), _Stats(len(ids))
+    pieces: list[str] = []
     steps = token_steps(
-        model, ids, config, eos_ids={tokenizer.eos_id}, draft_model=draft_model, prompt_cache=prompt_cache
+        model,
+        ids,
+        config,
+        eos_ids={tokenizer.eos_id},
+        draft_model=draft_model,
+        prompt_cache=prompt_cache,
+        on_token=lambda token: pieces.append(text.add(token)) or text.stopped,
     )
     for token, logprobs, from_draft in steps:
         stats.count()
-        piece = text.add(token)
+        piece = pieces.pop()
         if text.stopped:
             yield stats.step(piece, token, from_draft, logprobs=logprobs, finish_reason="stop_string")
             return
@@ -408,7 +333,8 @@ def generate(
     config: GenerationConfig | None = None,
     **kwargs: Any,
 ) -> str | list[str]:
-    """The generated text for one prompt, or a list of texts for a list of prompts (run as one batch).
+    """The generated text for one prompt, or a list of texts for a list of prompts (decoded together on the engine,
+    `MAX_BATCH` rows at a time, each answer equal to the prompt's own at temperature 0).
 
     Keyword arguments are `stream_generate`'s (`system`, `chat`, `draft_model`, ...) and the settings
     of `GenerationConfig` (`max_tokens`, `temp`, `stop`, ...).
@@ -429,82 +355,53 @@ def generate_batch(
     system: str | None = None,
     chat: bool | None = None,
     draft_model: nn.Module | None = None,
+    max_batch: int = MAX_BATCH,
     **settings: Any,
 ) -> list[str]:
-    """Generate for several prompts in one batch (left padding; masks and positions per row).
+    """Answers to several prompts, decoded together on the engine (at most `max_batch` rows at once).
 
-    Takes the same settings as single prompts; a quantized or rotating KV cache and speculative
-    decoding are single-prompt features and raise OptionError here.
+    Speculative decoding and a quantized KV cache are single-stream features and raise OptionError here.
     """
     config = resolve_config(config, settings)
     if draft_model is not None:
         raise OptionError("draft_model", "is not supported for a batch of prompts")
-    for name in ("max_kv_size", "kv_bits"):
-        if getattr(config, name) is not None:
-            raise OptionError(name, "is not supported for a batch of prompts")
+    if config.kv_bits is not None:
+        raise OptionError("kv_bits", "is not supported for a batch of prompts")
     if not prompts:
         raise OptionError("prompt", "the batch holds no prompts")
     ids = [encode_prompt(tokenizer, p, system, chat) for p in prompts]
-    for row in ids:
-        check_prompt_ids(model, row)
-        _warn_if_too_long(model, row)
-    if config.seed is not None:
-        mx.random.seed(config.seed)
-    sampler, processors = make_sampling(config)
-    texts = [TextStream(tokenizer, row, config) for row in ids]
+    for row_ids in ids:
+        check_prompt_ids(model, row_ids)
+        check_context(model, row_ids)
+    texts = [TextStream(tokenizer, row_ids, config) for row_ids in ids]
     pieces: list[list[str]] = [[] for _ in ids]
 
-    def stopped(i: int, token: int) -> bool:  # decode one row's token as it arrives; True at a stop string
-        pieces[i].append(texts[i].add(token))
-        return texts[i].stopped
+    def on_token(i: int) -> Callable[[Row, int], bool]:
+        def add(row: Row, token: int) -> bool:
+            pieces[i].append(texts[i].add(token))
+            return texts[i].stopped
 
-    batch_token_ids(model, ids, config.max_tokens, sampler, tokenizer.eos_id, processors, stopped)
+        return add
+
+    engine = Engine(model, max_batch=max_batch, max_kv_size=config.max_kv_size)
+    rows = engine.run([Row(r, config, frozenset({tokenizer.eos_id}), on_token=on_token(i)) for i, r in enumerate(ids)])
+    for row in rows:
+        if row.error is not None:
+            raise row.error
     return ["".join(p) + t.finish()[0] for p, t in zip(pieces, texts)]
 
 
-def batch_token_ids(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    max_tokens: int,
-    sampler: Sampler,
-    eos_id: int,
-    processors: Sequence[LogitsProcessor] = (),
-    stop: Callable[[int, int], bool] | None = None,
-) -> list[list[int]]:
-    """Generated ids per prompt (EOS excluded), decoding all rows together.
-
-    `processors` (e.g. a repetition penalty) see each row's own prompt and output; `stop(row, token)`
-    may end a row early (its token is kept).
-    """
-    longest = max(len(p) for p in prompts)
-    padding = [longest - len(p) for p in prompts]
-    tokens = mx.array([[0] * pad + list(p) for p, pad in zip(prompts, padding)], dtype=mx.uint32)
-    cache = [BatchKVCache(padding) for _ in model.layers]
-    chunk = prefill_step()
-    for start in range(0, longest - 1, chunk):  # chunked prefill, all but the last column
-        model(tokens[:, start : min(start + chunk, longest - 1)], cache=cache)
-        mx.eval([c.state for c in cache])
-    logits = model(tokens[:, -1:], cache=cache)[:, -1, :]
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(max_tokens):
-        if processors:  # as in mlx-lm's generate_step: on the raw logits, each row with its own history
-            rows = []
-            for i in range(len(prompts)):
-                row, history = logits[i : i + 1], mx.array(list(prompts[i]) + outputs[i], dtype=mx.uint32)
-                for proc in processors:
-                    row = proc(history, row)
-                rows.append(row)
-            logits = mx.concatenate(rows)
-        y = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        for i, t in enumerate(y.tolist()):
-            if done[i]:
-                continue
-            done[i] = t == eos_id
-            if not done[i]:
-                outputs[i].append(t)
-                done[i] = stop is not None and stop(i, t)
-        if all(done):
-            break
-        logits = model(y[:, None], cache=cache)[:, -1, :]
-    return outputs
+__all__ = [
+    "MAX_TOKENS",
+    "MIN_KV_SIZE",
+    "GenerationConfig",
+    "GenerationStep",
+    "TextStream",
+    "encode_prompt",
+    "generate",
+    "generate_batch",
+    "generate_tokens",
+    "resolve_config",
+    "stream_generate",
+    "token_steps",
+]

@@ -6,6 +6,7 @@ Module attribute names equal Apple's Hugging Face checkpoint keys, so weights lo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -16,6 +17,25 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
 from .config import OpenELMConfig
+
+
+def rope(x: mx.array, head_dim: int, base: float, offset: int | mx.array) -> mx.array:
+    """Non-traditional RoPE (the two halves of each head rotated) from position `offset` (an int, or one per row)."""
+    return mx.fast.rope(x, head_dim, traditional=False, base=base, scale=1.0, offset=offset)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The elementwise pieces a forward pass computes with: the layer math stays in the modules below, and a faster
+    path (model/step.py) swaps only these. `attention(q, k, v, cache, scale, mask)` is mlx-lm's signature;
+    `rope(x, head_dim, base, offset)` is `rope` above."""
+
+    silu: Callable[[mx.array], mx.array] = nn.silu
+    attention: Callable[..., mx.array] = scaled_dot_product_attention
+    rope: Callable[..., mx.array] = rope
+
+
+FUSED = Kernels()  # MLX's fused kernels: the eager model and training
 
 
 class Attention(nn.Module):
@@ -35,10 +55,7 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(head_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.n_heads * head_dim, D, bias=False)
 
-    def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
-        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
-
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None, kernels: Kernels = FUSED) -> mx.array:
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qkv = qkv.transpose(0, 2, 1, 3)  # (B, n_heads + 2 * n_kv_heads, L, head_dim)
@@ -46,10 +63,13 @@ class Attention(nn.Module):
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         offset = cache.offset if cache is not None else 0
-        q, k = self._rope(q, offset), self._rope(k, offset)
+        q, k = (
+            kernels.rope(q, self.head_dim, self.rope_base, offset),
+            kernels.rope(k, self.head_dim, self.rope_base, offset),
+        )
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        out = kernels.attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, n_heads * head_dim)
         return self.out_proj(out)
 
@@ -64,8 +84,8 @@ class FeedForward(nn.Module):
         self.proj_1 = nn.Linear(config.model_dim, (2 if self.glu else 1) * hidden, bias=False)
         self.proj_2 = nn.Linear(hidden, config.model_dim, bias=False)
 
-    def __call__(self, x: mx.array, activation: Callable[[mx.array], mx.array] = nn.silu) -> mx.array:
-        """`activation`: the SiLU (the compiled decode step passes its own, computed through a faster exp)."""
+    def __call__(self, x: mx.array, kernels: Kernels = FUSED) -> mx.array:
+        activation = kernels.silu
         h = self.proj_1(x)
         if self.glu:
             gate, up = mx.split(h, 2, axis=-1)
@@ -83,9 +103,9 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
         self.ffn = FeedForward(config, layer_idx)
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        h = x + self.attn(self.attn_norm(x), mask, cache)
-        return h + self.ffn(self.ffn_norm(h))
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None, kernels: Kernels = FUSED) -> mx.array:
+        h = x + self.attn(self.attn_norm(x), mask, cache, kernels)
+        return h + self.ffn(self.ffn_norm(h), kernels)
 
 
 class Transformer(nn.Module):
@@ -97,13 +117,13 @@ class Transformer(nn.Module):
         self.layers = [DecoderLayer(config, i) for i in range(config.num_transformer_layers)]
         self.norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
 
-    def __call__(self, tokens: mx.array, cache: list[Any] | None = None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: list[Any] | None = None, kernels: Kernels = FUSED) -> mx.array:
         h = self.token_embeddings(tokens)
         if cache is None:
             cache = [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         for layer, layer_cache in zip(self.layers, cache):
-            h = layer(h, mask, layer_cache)
+            h = layer(h, mask, layer_cache, kernels)
         return self.norm(h)
 
 
@@ -122,8 +142,8 @@ class Model(nn.Module):
         if not config.share_input_output_layers:
             self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache: list[Any] | None = None) -> mx.array:
-        return self.head(self.transformer(tokens, cache))
+    def __call__(self, tokens: mx.array, cache: list[Any] | None = None, kernels: Kernels = FUSED) -> mx.array:
+        return self.head(self.transformer(tokens, cache, kernels))
 
     def head(self, h: mx.array) -> mx.array:
         """Logits from final hidden states: the tied embedding, or `lm_head`."""

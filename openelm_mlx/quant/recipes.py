@@ -15,10 +15,23 @@ from mlx.utils import tree_flatten
 
 from ..errors import CheckpointError, OptionError
 
+# The one place for the quantization defaults and choices (MLX's affine modes); help text is derived from them.
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
+DEFAULT_BITS = 4
+DEFAULT_GROUP_SIZE = 64
 QUANTIZABLE = (nn.Linear, nn.Embedding)
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
+def one_of(choices: Any) -> str:
+    """`(2, 3, 4)` -> "2, 3 or 4" (for help text)."""
+    names = [str(c) for c in choices]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+BITS_HELP = f"Bits per weight: {one_of(Q_BITS)}."
+GROUP_SIZE_HELP = f"Quantization group size: {one_of(Q_GROUP_SIZES)}."
 
 
 def check_settings(bits: Any, group_size: Any, prefix: str = "") -> None:
@@ -40,8 +53,8 @@ class QuantRecipe:
             or None to keep that module in float.
     """
 
-    bits: int = 4
-    group_size: int = 64
+    bits: int = DEFAULT_BITS
+    group_size: int = DEFAULT_GROUP_SIZE
     overrides: dict[str, dict[str, int] | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,7 +88,7 @@ class QuantRecipe:
 
 
 def quantize_model(
-    model: nn.Module, bits: int = 4, group_size: int = 64, recipe: QuantRecipe | None = None
+    model: nn.Module, bits: int = DEFAULT_BITS, group_size: int = DEFAULT_GROUP_SIZE, recipe: QuantRecipe | None = None
 ) -> list[str]:
     """Quantize every Linear and the (tied) embedding in place (`recipe` overrides bits/group_size).
 
@@ -174,7 +187,7 @@ def check_recipe(name: Any) -> None:
         raise OptionError("recipe", f"must be one of {', '.join(RECIPES)}, got {name!r}")
 
 
-def mixed_recipe(name: str, model: nn.Module, group_size: int = 64) -> QuantRecipe:
+def mixed_recipe(name: str, model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> QuantRecipe:
     """`mixed_3_6` / `mixed_4_6`: 3 (4) bits, with 6 bits for the embedding (= tied output head) and the
     out_proj and proj_2 of the `sensitive_layers`.
 

@@ -16,18 +16,24 @@ import numpy as np
 from mlx_lm.utils import dequantize_model
 
 from ..errors import CheckpointError, OptionError, TokenizerNotFoundError, check_range, settings_field
-from ..evaluate.perplexity import check_context, make_windows, mean_kl, perplexity, text_windows
+from ..evaluate.perplexity import SEQ_LEN_HELP, make_windows, mean_kl, perplexity, text_windows, window_length
 from ..folders.fs import check_output
 from ..folders.io import load_model, save
 from ..generation.tokenizer import find_tokenizer
 from .calibrate import allocate_bits, gptq_quantize, make_safe, measure_sensitivity
 from .recipes import (
+    BITS_HELP,
+    DEFAULT_BITS,
+    DEFAULT_GROUP_SIZE,
+    GROUP_SIZE_HELP,
     QUANTIZED,
+    RECIPES,
     QuantRecipe,
     bits_per_weight,
     check_recipe,
     check_settings,
     mixed_recipe,
+    one_of,
     parse_embedding_bits,
     quantization_settings,
     quantize_model,
@@ -35,6 +41,8 @@ from .recipes import (
 )
 
 METHODS = ("rtn", "gptq")
+RTN_SETTINGS = ("bits", "group_size", "recipe", "embedding_bits")  # what needs no calibration text
+BUILTIN_WINDOW = 64  # tokens per window of the built-in sentences (fewer when the model's context is shorter)
 BUILTIN_TEXT = (
     "The quick brown fox jumps over the lazy dog. Machine learning models run on many devices today.\n"
     "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n"
@@ -54,9 +62,11 @@ class QuantizeOptions:
     `calib` and `eval_data` take paths (one or several); `embedding_bits` a bit width ("6" or 6) or "float".
     """
 
-    bits: int = settings_field(4, "Bits per weight: 2, 3, 4, 5, 6 or 8.")
-    group_size: int = settings_field(64, "Quantization group size: 32, 64 or 128.")
-    recipe: str | None = settings_field(None, "Mixed precision: mixed_3_6 or mixed_4_6 (6 bits for sensitive parts).")
+    bits: int = settings_field(DEFAULT_BITS, BITS_HELP)
+    group_size: int = settings_field(DEFAULT_GROUP_SIZE, GROUP_SIZE_HELP)
+    recipe: str | None = settings_field(
+        None, f"Mixed precision: {one_of(RECIPES)} (more bits for the embedding and sensitive layers)."
+    )
     target_bpw: float | None = settings_field(
         None, "Allocate bits per layer from measured sensitivity (needs --calib)."
     )
@@ -64,7 +74,7 @@ class QuantizeOptions:
     calib: tuple[str, ...] = settings_field((), "Calibration text (.txt/.jsonl); repeatable.")
     embedding_bits: str | None = settings_field(None, "Bits for the embedding and tied output head, or 'float'.")
     eval_data: tuple[str, ...] = ()
-    seq_len: int = settings_field(256, "Window length for calibration and evaluation.")
+    seq_len: int | None = settings_field(None, f"{SEQ_LEN_HELP} For calibration and evaluation text.")
     num_samples: int = settings_field(32, "Windows of calibration/evaluation text to use.")
     batch_size: int = 4
 
@@ -86,6 +96,11 @@ class QuantizeOptions:
         parse_embedding_bits(self.embedding_bits)
         for name in ("seq_len", "num_samples", "batch_size"):
             check_range(name, getattr(self, name), 1, integer=True)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """GPTQ and a bits-per-weight target read calibration text; round to nearest does not."""
+        return self.method != "rtn" or self.target_bpw is not None
 
 
 @dataclass
@@ -129,18 +144,20 @@ def _weight_bytes(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("model*.safetensors"))
 
 
-def _windows(tok: Any, paths: Sequence[str], opts: QuantizeOptions, vocab: int) -> mx.array:
-    """Windows of the text in `paths` (of the built-in sentences when none; random ids without a tokenizer)."""
+def _windows(tok: Any, paths: Sequence[str], opts: QuantizeOptions, seq_len: int | None, config: Any) -> mx.array:
+    """Windows of `seq_len` tokens of the text in `paths`; without paths, of the built-in sentences (random ids
+    without a tokenizer), in windows that fit the model's context."""
     if paths:
         if tok is None:
             raise TokenizerNotFoundError(f"{paths[0]}: reading text needs a tokenizer beside the model")
-        return text_windows(tok, list(paths), opts.seq_len, opts.num_samples)
+        return text_windows(tok, list(paths), seq_len, opts.num_samples)
+    length = min(BUILTIN_WINDOW, config.max_context_length)
     if tok is None:
-        return mx.array(np.random.default_rng(0).integers(3, vocab, (4, 65)).astype(np.int32))
-    return make_windows(tok.encode(BUILTIN_TEXT, add_bos=False), 64, tok.bos_id, source="built-in text")
+        return mx.array(np.random.default_rng(0).integers(3, config.vocab_size, (4, length + 1)).astype(np.int32))
+    return make_windows(tok.encode(BUILTIN_TEXT, add_bos=False), length, tok.bos_id, source="built-in text")
 
 
-def build_recipe(model: nn.Module, opts: QuantizeOptions, calib: mx.array) -> QuantRecipe:
+def build_recipe(model: nn.Module, opts: QuantizeOptions, calib: mx.array | None = None) -> QuantRecipe:
     """The recipe `opts` asks for: uniform, a named mixed recipe, or a bits-per-weight target."""
     if opts.recipe is not None:
         recipe = mixed_recipe(opts.recipe, model, opts.group_size)
@@ -151,6 +168,23 @@ def build_recipe(model: nn.Module, opts: QuantizeOptions, calib: mx.array) -> Qu
         sens = measure_sensitivity(model, calib[: opts.batch_size], opts.group_size)
         recipe = allocate_bits(model, sens, opts.target_bpw, recipe)
     return recipe
+
+
+def check_rtn(opts: QuantizeOptions) -> None:
+    """Raise OptionError unless `opts` quantizes by round to nearest (a uniform setting or a recipe)."""
+    if opts.needs_calibration:
+        name = "target_bpw" if opts.target_bpw is not None else "method"
+        raise OptionError(name, "needs calibration text; this quantizes by round to nearest only")
+
+
+def quantize_rtn(model: nn.Module, opts: QuantizeOptions) -> list[str]:
+    """Quantize `model` in place by round to nearest as `opts` asks (bits, group size, recipe, embedding bits).
+
+    Returns:
+        The paths of layers left in float because the group size does not divide their width.
+    """
+    check_rtn(opts)
+    return quantize_model(model, recipe=build_recipe(model, opts))
 
 
 def quantize_folder(
@@ -165,10 +199,12 @@ def quantize_folder(
     tic = time.perf_counter()
     check_output(dst, force, "model", (src,))  # before any calibration work
     model, tok = _load_float(src)
-    check_context(model.config, opts.seq_len)
-    calib = _windows(tok, opts.calib, opts, model.config.vocab_size)
-    evaluation = _windows(tok, opts.eval_data, opts, model.config.vocab_size) if opts.eval_data else None
-    notes = make_safe(model, calib, str(src))
+    # The window length matters only for text: checked (or shrunk to the model's context) only then.
+    seq_len, shrunk = window_length(model.config, opts.seq_len) if opts.calib or opts.eval_data else (None, None)
+    notes = [shrunk] if shrunk else []
+    calib = _windows(tok, opts.calib, opts, seq_len, model.config)
+    evaluation = _windows(tok, opts.eval_data, opts, seq_len, model.config) if opts.eval_data else None
+    notes += make_safe(model, calib, str(src))
     recipe = build_recipe(model, opts, calib)
     if opts.method == "gptq":
         skipped = gptq_quantize(model, recipe, calib, opts.batch_size)

@@ -35,7 +35,9 @@ def error_response(error: APIError) -> JSONResponse:
     """The OpenAI-style error body of a refused request."""
     kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(error.status)
     kind = kind or ("server_error" if error.status >= 500 else "invalid_request_error")
-    body = {"message": error.message, "type": kind, "param": error.param, "code": error.code}
+    # A message may quote request text; a lone surrogate there could not be encoded as UTF-8.
+    message = error.message.encode("utf-8", "backslashreplace").decode("utf-8")
+    body = {"message": message, "type": kind, "param": error.param, "code": error.code}
     # After a 413 the rest of the body is still on the wire: close rather than parse it as a request.
     headers = {"Connection": "close"} if error.status == 413 else None
     return JSONResponse({"error": body}, status_code=error.status, headers=headers)
@@ -145,6 +147,7 @@ class Server:
         self.worker, self.settings = worker, settings
         routes = [
             Route("/health", self._guard(self.health, auth=False)),
+            Route("/metrics", self._guard(self.metrics, auth=False)),
             Route("/v1/models", self._guard(self.models)),
             Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
             Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
@@ -187,8 +190,15 @@ class Server:
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
 
     async def health(self, request: Request) -> Response:
-        stats = {**self.worker.stats, "queued": self.worker.jobs.qsize()}
-        return JSONResponse({"status": "ok", "model": self.settings.model_id, **stats})
+        return JSONResponse({"status": "ok", "model": self.settings.model_id, **self.worker.metrics()})
+
+    async def metrics(self, request: Request) -> Response:
+        """The active batch, the queue, tokens/s, and the limits a client may ask for (the chat page shows them)."""
+        limits = {
+            "max_tokens_limit": self.settings.max_tokens_limit,
+            "context_length": self.worker.model.config.max_context_length,
+        }
+        return JSONResponse({"model": self.settings.model_id, **self.worker.metrics(), **limits})
 
     async def models(self, request: Request) -> Response:
         model = {"id": self.settings.model_id, "object": "model", "created": 0, "owned_by": "openelm-mlx"}

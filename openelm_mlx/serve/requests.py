@@ -8,14 +8,14 @@ from typing import Any
 
 from ..errors import OptionError
 from ..generation.generate import GenerationConfig
+from ..generation.template import ROLES as TEMPLATE_ROLES
 
-DEFAULT_MAX_TOKENS = 512
 MAX_BODY_BYTES = 1 << 20
 MAX_TOP_LOGPROBS = 20
 # Request fields -> GenerationConfig fields (the rest of the names are shared).
 CONFIG_FIELDS = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed"}
 CONFIG_FIELDS |= {"repetition_penalty": "repetition_penalty", "stop": "stop"}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {**{role: role for role in TEMPLATE_ROLES}, "developer": "system"}  # OpenAI role -> template role
 
 
 class APIError(Exception):
@@ -36,7 +36,7 @@ class ServeSettings:
     max_body_bytes: int = MAX_BODY_BYTES
 
     def default_max_tokens(self) -> int:
-        return min(DEFAULT_MAX_TOKENS, self.max_tokens_limit)
+        return min(GenerationConfig.max_tokens, self.max_tokens_limit)
 
 
 @dataclass

@@ -17,8 +17,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import DataError
-from ..generation.tokenizer import CHAT_ROLES, EOS_TEXT, GENERATION_PROMPT, render_turn, valid_unicode
+from ..errors import DataError, OptionError
+from ..folders.fs import entry_problem
+from ..generation.template import check_message, split_replies
+from ..generation.tokenizer import valid_unicode
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -36,10 +38,9 @@ def data_files(paths: Sequence[str | Path]) -> list[Path]:
             files.extend(found)
         elif p.is_file():
             files.append(p)
-        elif p.exists():
-            raise DataError(f"{p}: not a regular file or folder")
         else:
-            raise DataError(f"{p}: no such file or folder")
+            problem = entry_problem(p)
+            raise DataError(f"{p}: {'no such file or folder' if problem == 'no such file' else problem}")
     return files
 
 
@@ -220,8 +221,10 @@ def _check_messages(messages: Any, where: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(f'{where}: "messages" must be a non-empty list')
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: message {i} needs a 'role' in {CHAT_ROLES} and a string 'content'")
+        try:
+            check_message(m, i)
+        except OptionError as e:
+            raise DataError(f"{where}: {e.detail}") from None
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the chat has no assistant turn (nothing to learn)")
 
@@ -251,8 +254,8 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
     Raises:
         DataError: missing, empty or binary file; invalid JSON, missing keys or wrong types on line N.
     """
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    if (problem := entry_problem(path)) is not None:
+        raise DataError(f"{path}: {problem}")
     records = list(jsonl_lines(path, _read_text(path)))
     for where, record in records:
         check_record(record, where)
@@ -262,14 +265,10 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
 def _chat_segments(messages: list[dict], tok: FinetuneTokenizer) -> list[tuple[list[int], bool]]:
     """Token segments of a chat, (ids, is_assistant_reply): each prompt part is tokenized exactly as the
     Instruct template renders it at inference, each reply as its text followed by EOS."""
-    segments, pending = [], ""
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            pending += render_turn(m, i)
-            continue
-        segments.append((tok.encode_chat_text(pending + GENERATION_PROMPT), False))
-        segments.append(([*tok.encode(m["content"], add_bos=False), tok.eos_id], True))
-        pending = render_turn(m, i).rpartition(EOS_TEXT)[2]  # what the template writes after the reply's EOS
+    segments = []
+    for prompt, reply in split_replies(messages):
+        segments.append((tok.encode_chat_text(prompt), False))
+        segments.append(([*tok.encode(reply, add_bos=False), tok.eos_id], True))
     return segments
 
 

@@ -24,7 +24,14 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import CheckpointError, OptionError, check_range
-from ..folders.fs import atomic_output_dir, check_output, require_regular_file
+from ..folders.fs import (
+    atomic_output_dir,
+    check_output,
+    claim_folder,
+    release_folder,
+    remove_stale,
+    require_regular_file,
+)
 from ..folders.weights import check_tensors, load_safetensors
 
 Batch = tuple[mx.array, ...]
@@ -262,11 +269,19 @@ def prepare_run_folder(
         CheckpointError: see `fs.check_output`.
     """
     check_output(out, force=True, kind=kind, inputs=inputs, writes=writes)
-    stale = list((out / CHECKPOINTS).glob(".step_*.tmp-*"))
-    for tmp in stale:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if stale:
-        log.warning("%s: removed %d unfinished checkpoint(s) of an interrupted run", out / CHECKPOINTS, len(stale))
+    claim_folder(out)  # held until `run_training` ends: a second run into `out` is refused meanwhile
+    try:
+        return _prepare_claimed(out, run_files, resume, overwrite, option, used_marks)
+    except BaseException:
+        release_folder(out)
+        raise
+
+
+def _prepare_claimed(
+    out: Path, run_files: Sequence[str], resume: bool, overwrite: bool, option: str, used_marks: Sequence[str]
+) -> Path | None:
+    if stale := remove_stale(out / CHECKPOINTS, ".step_*.tmp-*"):
+        log.warning("%s: removed %d unfinished checkpoint(s) of an interrupted run", out / CHECKPOINTS, stale)
     if resume:
         found = checkpoints(out / CHECKPOINTS)
         if not found:
@@ -529,6 +544,7 @@ def run_training(
         metrics = trainer.fit(batches, steps, start, callbacks)
     finally:
         logger.close()
+        release_folder(out)  # claimed by `prepare_run_folder`
     if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
         raise OptionError("lr", f"training diverged (loss {metrics['loss']}; nothing saved): lower the learning rate")
     return metrics

@@ -25,6 +25,7 @@ from ..folders.fs import atomic_output_dir, check_output, require_regular_file
 from ..folders.io import read_json
 from ..folders.weights import check_tensors, load_safetensors
 from ..quant.recipes import QUANTIZED
+from .adapter_config import check_finite, parse_adapter_config
 from .data import FinetuneData, load_split
 from .loop import (
     CHECKPOINTS,
@@ -53,6 +54,7 @@ TARGETS = {
     "token_embeddings": "transformer.token_embeddings",
 }
 DEFAULT_TARGETS = "qkv_proj,out_proj,proj_1,proj_2"
+_DEFAULT_KEYS = [TARGETS[t] for t in DEFAULT_TARGETS.split(",")]
 ADAPTER_TYPES = (LoRALinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
 # The paper's PEFT recipe (commonsense reasoning): every value here replaces the default.
 PAPER_RECIPE: dict[str, Any] = {
@@ -282,27 +284,6 @@ def save_adapters(
     return Path(folder)
 
 
-def _parse_adapter_config(raw: dict[str, Any], path: Path, n_layers: int) -> tuple[int, dict[str, Any], bool]:
-    """(num_layers, lora_parameters, dora) of an adapter_config.json, checked against a model of `n_layers`."""
-    kind = raw.get("fine_tune_type", "lora")
-    if kind not in ("lora", "dora"):
-        raise CheckpointError(f"{path}: fine_tune_type {kind!r} is not supported (lora or dora)")
-    version = raw.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {version!r} is newer than this openelm-mlx reads")
-    num_layers, p = raw.get("num_layers"), raw.get("lora_parameters")
-    if not isinstance(num_layers, int) or not 1 <= num_layers <= n_layers:
-        raise CheckpointError(f"{path}: num_layers {num_layers!r} does not fit a model of {n_layers} layers")
-    if not isinstance(p, dict):
-        raise CheckpointError(f'{path}: "lora_parameters" must be an object')
-    keys = p.get("keys") or [TARGETS[t] for t in DEFAULT_TARGETS.split(",")]
-    ok = isinstance(p.get("rank"), int) and p["rank"] >= 1
-    ok = ok and all(isinstance(p.get(k), (int, float)) and not isinstance(p.get(k), bool) for k in ("scale", "dropout"))
-    if not ok or not isinstance(keys, list) or not set(keys) <= set(TARGETS.values()):
-        raise CheckpointError(f"{path}: lora_parameters need an integer rank, numbers scale and dropout, known keys")
-    return num_layers, {**p, "keys": keys}, kind == "dora"
-
-
 def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
     """Apply the adapters saved in `adapter_path` to a loaded model, in place (unfused; eval mode).
 
@@ -313,8 +294,11 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not an adapter folder (expected {ADAPTER_CONFIG_FILE}, {ADAPTERS_FILE})")
     config_path, weights_path = folder / ADAPTER_CONFIG_FILE, folder / ADAPTERS_FILE
-    num_layers, params, dora = _parse_adapter_config(read_json(config_path), config_path, len(model.layers))
+    num_layers, params, dora = parse_adapter_config(
+        read_json(config_path), config_path, len(model.layers), TARGETS.values(), _DEFAULT_KEYS, FORMAT_VERSION
+    )
     weights = load_safetensors(require_regular_file(weights_path))
+    check_finite(weights, weights_path)
     try:
         add_adapters(model, num_layers, params, dora)
     except OptionError as e:
@@ -354,6 +338,10 @@ def fuse_adapters(model: nn.Module, probe: mx.array, dequantize: bool = False) -
     """
     model.eval()
     before = model(probe)
+    if not mx.all(mx.isfinite(before)).item():
+        raise CheckpointError(
+            "the adapted model's logits are NaN or infinite: these adapters or their scale are unusable"
+        )
     fused, bases = [], {}
     for name, m in model.named_modules():
         if isinstance(m, ADAPTER_TYPES):

@@ -1,0 +1,398 @@
+"""The generation engine: continuous batching of token rows over one model.
+
+Rows join a running batch and leave it when they finish. New prompts are prefilled in chunks between decode steps
+(fresh prompts together, left-padded in one batch; a prompt that continues a cached prefix on its own), then one
+model call advances every active row. Each row has its own settings (sampling, a random key from its seed,
+repetition penalty, stop strings, max tokens, log-probabilities) and its own finish reason, and can be cancelled at
+once. `generate`, `chat`, the server and evaluation all run on it. Tokens only: text is added by `TextStream`s.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, LRUPromptCache, make_prompt_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+
+from ..errors import OptionError
+from ..model.step import decoder_for
+from .settings import GenerationConfig, check_prompt_ids, prefill_step
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+class RowSampler:
+    """One row's sampling: mlx-lm's filters (top-p, min-p, top-k) and a categorical draw with the row's own random
+    key, split at every step, so a seed gives the same tokens alone or in any batch. Temperature 0 is greedy."""
+
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+        seed = config.seed if config.seed is not None else secrets.randbits(63)
+        self.key = mx.random.key(seed)
+        self.processors: list[LogitsProcessor] = make_logits_processors(
+            repetition_penalty=config.repetition_penalty, repetition_context_size=config.repetition_context_size
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.config.temp == 0
+
+    def sample(self, logprobs: mx.array) -> mx.array:
+        """A token (shape (1,)) from (1, V) log-probabilities."""
+        c = self.config
+        if 0 < c.top_p < 1:
+            logprobs = apply_top_p(logprobs, c.top_p)
+        if c.min_p:
+            logprobs = apply_min_p(logprobs, c.min_p)
+        if c.top_k:
+            logprobs = apply_top_k(logprobs, c.top_k)
+        self.key, key = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * (1 / c.temp), key=key)
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence in the engine. Read `tokens`, `finish_reason` and `error`; call `engine.cancel(row)` to stop it.
+
+    Attributes:
+        prompt: the ids fed before generation (after whatever `cache` already holds).
+        config: its settings; `eos_ids` end it (not included in `tokens`).
+        cache: a caller's KV cache that holds the context before `prompt` (a chat); it is written back when the row
+            ends, holding every token fed, that is all of `prompt` and `tokens` but the last.
+        logprobs: keep each step's log-probabilities (a (V,) array per token) in `step_logprobs`.
+        on_token: called with (row, token) from the engine loop; an exception there ends only this row.
+    """
+
+    prompt: list[int]
+    config: GenerationConfig
+    eos_ids: frozenset[int]
+    cache: list[Any] | None = None
+    logprobs: bool = False
+    on_token: Callable[[Row, int], bool | None] | None = None
+    tokens: list[int] = field(default_factory=list)
+    step_logprobs: mx.array | None = None
+    finish_reason: str | None = None  # "eos", "length", "stop" (on_token returned True), "cancelled", "error"
+    error: BaseException | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the engine's prompt cache
+    sampler: RowSampler = field(init=False)
+    next_input: int = field(init=False, default=-1)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.sampler = RowSampler(self.config)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def history(self) -> list[int]:
+        return self.prompt + self.tokens
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """Rows whose prompts are being fed, a chunk per engine step: `tokens` (B, L) left-padded, all but each prompt's
+    last token (that one is the row's first decode input)."""
+
+    rows: list[Row]
+    cache: list[Any]
+    tokens: mx.array
+    position: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.position >= self.tokens.shape[1]
+
+
+@dataclass
+class EngineStats:
+    """What the engine is doing: rows decoding and queued, and its throughput over the last few seconds."""
+
+    active: int = 0
+    prefilling: int = 0
+    queued: int = 0
+    finished: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens made by one decode step)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.perf_counter()
+        steps = [(t, n) for t, n in self.recent if now - t <= window]
+        if len(steps) < 2:
+            return 0.0
+        return sum(n for _, n in steps[1:]) / max(steps[-1][0] - steps[0][0], 1e-9)
+
+
+class Engine:
+    """Continuous batching over one model: `add` rows, call `step` until `busy` is False (or from a server loop).
+
+    Args:
+        model: `model(tokens, cache) -> logits` with mlx-lm caches (ours, or any mlx-lm model).
+        max_batch: the most rows decoding at once; more wait in the queue.
+        prefill_chunk: prompt tokens per prefill forward (default: `prefill_step()` for the device).
+        max_kv_size: each row's keys and values are kept in a rotating window of this many tokens.
+        prompt_cache_size / prompt_cache_bytes: an LRU of finished rows' caches; a new prompt reuses the longest
+            cached common prefix (0 entries: off).
+        exp: the compiled step's exponential (see `model.step.decoder_for`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_batch: int = 8,
+        prefill_chunk: int | None = None,
+        max_kv_size: int | None = None,
+        prompt_cache_size: int = 0,
+        prompt_cache_bytes: int = 1 << 30,
+        exp: str | None = None,
+    ):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise OptionError("max_batch", f"must be a whole number >= 1, got {max_batch!r}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise OptionError("prefill_chunk", f"must be a whole number >= 1, got {prefill_chunk!r}")
+        self.model, self.decoder = model, decoder_for(model, exp)
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk or prefill_step()
+        self.max_kv_size = max_kv_size
+        self.prompt_cache = LRUPromptCache(prompt_cache_size, prompt_cache_bytes) if prompt_cache_size else None
+        self.queue: deque[Row] = deque()
+        self.prefills: list[_Prefill] = []
+        self.rows: list[Row] = []  # decoding, in the batch cache's row order
+        self.cache: list[Any] | None = None
+        self.ended: list[Row] = []  # rows that ended outside a decode step (cancelled while queued, failed prefill)
+        self.stats = EngineStats()
+
+    # -- the public surface -------------------------------------------------------------------------------------
+
+    def add(self, row: Row) -> Row:
+        """Queue a row (its prompt is checked here: OptionError for ids outside the vocabulary)."""
+        check_prompt_ids(self.model, row.prompt)
+        if row.config.stop and row.on_token is None:  # tokens only here: text is the caller's (a TextStream)
+            raise OptionError("stop", "needs the row's text: pass on_token (generate() and the server do)")
+        if row.config.kv_bits is not None or row.config.max_kv_size not in (None, self.max_kv_size):
+            name = "kv_bits" if row.config.kv_bits is not None else "max_kv_size"
+            raise OptionError(name, "is a setting of the engine, not of one row (a batch shares one cache layout)")
+        self.queue.append(row)
+        return row
+
+    def cancel(self, row: Row) -> None:
+        """End `row` now (finish reason "cancelled"); the engine frees its place at the next step."""
+        if not row.done:
+            row.finish_reason = "cancelled"
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.prefills or self.rows)
+
+    def step(self) -> list[Row]:
+        """Admit queued rows, feed one prefill chunk, advance every decoding row by one token. Returns the rows that
+        finished in this step (their caches are written back and remembered)."""
+        finished = self._drop_finished()
+        self._admit()
+        if self.prefills:
+            prefill = self.prefills[0]
+            try:
+                self._prefill_chunk(prefill)
+            except Exception as e:  # noqa: BLE001 - the rows being prefilled fail, the batch goes on
+                self.prefills.remove(prefill)
+                self._fail(prefill.rows, e)
+        if self.rows:
+            try:
+                self._decode()
+            except Exception as e:  # noqa: BLE001 - a failed model call leaves the batch cache unknown
+                rows, self.rows, self.cache = self.rows, [], None
+                self._fail(rows, e)
+            finished += self._drop_finished()
+        finished += self.ended
+        self.ended = []
+        s = self.stats
+        s.active, s.queued = len(self.rows), len(self.queue)
+        s.prefilling = sum(len(p.rows) for p in self.prefills)
+        s.finished += len(finished)
+        return finished
+
+    def run(self, rows: Sequence[Row]) -> list[Row]:
+        """Add `rows` and step until they are all done."""
+        for row in rows:
+            self.add(row)
+        while any(not r.done for r in rows) or self.busy:
+            self.step()
+        return list(rows)
+
+    def _fail(self, rows: list[Row], error: BaseException) -> None:
+        for row in rows:
+            if not row.done:
+                row.finish_reason, row.error = "error", error
+        self.ended += rows
+
+    # -- admission and prefill ----------------------------------------------------------------------------------
+
+    def _new_cache(self) -> list[Any]:
+        return make_prompt_cache(self.model, max_kv_size=self.max_kv_size)
+
+    def _admit(self) -> None:
+        room = self.max_batch - len(self.rows) - sum(len(p.rows) for p in self.prefills)
+        fresh: list[Row] = []
+        while self.queue and room > 0:
+            row = self.queue.popleft()
+            if row.done:  # cancelled while queued
+                self.ended.append(row)
+                continue
+            room -= 1
+            cache, feed = self._start_cache(row)
+            if cache is None:
+                fresh.append(row)
+            else:  # continues a cached prefix: prefilled on its own
+                self.prefills.append(_Prefill([row], cache, mx.array([feed[:-1]], dtype=mx.uint32)))
+        if fresh:
+            lengths = [len(r.prompt) - 1 for r in fresh]
+            longest = max(lengths)
+            padding = [longest - n for n in lengths]
+            tokens = mx.array([[0] * p + r.prompt[:-1] for r, p in zip(fresh, padding)], dtype=mx.uint32)
+            self.prefills.append(_Prefill(fresh, self._batch_cache(padding), tokens))
+
+    def _batch_cache(self, padding: list[int]) -> list[Any]:
+        """An empty batch cache for rows left-padded by `padding`."""
+        if self.max_kv_size is None:
+            return [BatchKVCache(padding) for _ in self.model.layers]
+        return [BatchRotatingKVCache(self.max_kv_size, padding) for _ in self.model.layers]
+
+    def _start_cache(self, row: Row) -> tuple[list[Any] | None, list[int]]:
+        """A single-row cache to start `row` from and the ids still to feed, or (None, prompt) for a fresh start."""
+        prompt = row.prompt
+        if row.cache is not None:  # fed in place; written back whole when the row ends
+            return row.cache, prompt
+        if self.prompt_cache is None or len(prompt) < 2:
+            return None, prompt
+        cache, rest = self.prompt_cache.fetch_nearest_cache(id(self.model), prompt[:-1])
+        if cache is None:
+            return None, prompt
+        row.cached_tokens = len(prompt) - 1 - len(rest)
+        self.stats.cached_tokens += row.cached_tokens
+        return cache, prompt[row.cached_tokens :]
+
+    def _prefill_chunk(self, prefill: _Prefill) -> None:
+        """Feed the next chunk of a prefill; when it is complete, its rows join the decoding batch."""
+        start, end = prefill.position, min(prefill.position + self.prefill_chunk, prefill.tokens.shape[1])
+        if end > start:
+            self.model(prefill.tokens[:, start:end], cache=prefill.cache)
+            mx.eval([c.state for c in prefill.cache])
+            self.stats.prompt_tokens += (end - start) * len(prefill.rows)
+        prefill.position = end
+        if prefill.finished:
+            self.prefills.remove(prefill)
+            self._join(prefill)
+
+    def _join(self, prefill: _Prefill) -> None:
+        cache = prefill.cache
+        if not isinstance(cache[0], (BatchKVCache, BatchRotatingKVCache)):
+            cache = [type(c).merge([c]) for c in cache]  # a single row's cache as a batch of one
+        for row in prefill.rows:
+            row.next_input = row.prompt[-1]
+        live = [i for i, r in enumerate(prefill.rows) if not r.done]
+        self.ended += [r for r in prefill.rows if r.done]  # cancelled while their prompt was fed
+        if not live:
+            return
+        if len(live) < len(prefill.rows):
+            for c in cache:
+                c.filter(mx.array(live))
+        rows = [prefill.rows[i] for i in live]
+        if self.cache is None:
+            self.cache, self.rows = cache, rows
+        else:
+            for mine, theirs in zip(self.cache, cache):
+                mine.extend(theirs)
+            self.rows += rows
+
+    # -- decoding ---------------------------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        tokens = mx.array([[r.next_input] for r in self.rows], dtype=mx.uint32)
+        logits = self.decoder(tokens, self.cache)[:, -1, :].astype(mx.float32)
+        if any(r.sampler.processors for r in self.rows):  # on the raw logits, each row with its own history
+            rows = [self._process(r, logits[i : i + 1]) for i, r in enumerate(self.rows)]
+            logits = mx.concatenate(rows)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picks = mx.argmax(logprobs, axis=-1)
+        sampled = {i: r.sampler.sample(logprobs[i : i + 1]) for i, r in enumerate(self.rows) if not r.sampler.greedy}
+        if sampled:
+            order = mx.array(list(sampled))
+            picks[order] = mx.concatenate(list(sampled.values())).astype(picks.dtype)
+        mx.eval(picks, logprobs if any(r.logprobs for r in self.rows) else picks)
+        now = time.perf_counter()
+        made = 0
+        for i, (row, token) in enumerate(zip(self.rows, picks.tolist())):
+            if row.done:
+                continue
+            made += 1
+            try:
+                self._advance(row, token, logprobs[i] if row.logprobs else None, now)
+            except Exception as e:  # noqa: BLE001 - one row's failure ends that row only
+                row.finish_reason, row.error = "error", e
+        self.stats.generated_tokens += made
+        self.stats.recent.append((now, made))
+
+    def _process(self, row: Row, logits: mx.array) -> mx.array:
+        history = mx.array(row.history(), dtype=mx.uint32)
+        for proc in row.sampler.processors:
+            logits = proc(history, logits)
+        return logits
+
+    def _advance(self, row: Row, token: int, logprobs: mx.array | None, now: float) -> None:
+        if row.first_token_at is None:
+            row.first_token_at = now
+        if token in row.eos_ids:
+            row.finish_reason = "eos"
+            row.next_input = token  # EOS is part of the history the cache will hold
+            return
+        row.tokens.append(token)
+        row.step_logprobs = logprobs
+        row.next_input = token
+        if row.on_token is not None and row.on_token(row, token):
+            row.finish_reason = "stop"
+        elif len(row.tokens) >= row.config.max_tokens:
+            row.finish_reason = "length"
+
+    def _drop_finished(self) -> list[Row]:
+        """Take finished rows out of the batch: write back callers' caches, remember prefixes, free their places."""
+        done = [i for i, r in enumerate(self.rows) if r.done]
+        finished = [r for r in self.queue if r.done]
+        self.queue = deque(r for r in self.queue if not r.done)
+        if not done:
+            return finished
+        for i in done:
+            self._release(self.rows[i], i)
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        finished += [self.rows[i] for i in done]
+        if keep:
+            for c in self.cache:
+                c.filter(mx.array(keep))
+            self.rows = [self.rows[i] for i in keep]
+        else:
+            self.cache, self.rows = None, []
+        return finished
+
+    def _release(self, row: Row, index: int) -> None:
+        """A finished row's cache (every fed token) back to its caller, and into the prompt cache."""
+        if row.finish_reason == "error" or (row.cache is None and self.prompt_cache is None):
+            return
+        state = [c.extract(index) for c in self.cache]
+        fed = row.prompt + row.tokens
+        if row.finish_reason != "eos":
+            fed = fed[:-1]  # the last token was sampled, never fed
+        if row.cache is not None:
+            for mine, theirs in zip(row.cache, state):
+                mine.__dict__.update(theirs.__dict__)
+        elif self.prompt_cache is not None and row.finish_reason != "cancelled":
+            if len(fed) == state[0].offset:
+                self.prompt_cache.insert_cache(id(self.model), fed, state)
