@@ -21,7 +21,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..errors import DataError, HubError, OptionError, check_range
-from ..generation.generate import GenerationConfig, generate
+from ..generation.generate import generate
+from ..generation.settings import GenerationConfig
 from .paper import PAPER_TASKS
 from .scoring import encode_pair, loglikelihood, loglikelihood_rolling
 

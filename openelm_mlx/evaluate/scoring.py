@@ -18,7 +18,7 @@ from mlx_lm.models.cache import BatchKVCache
 from tqdm import tqdm
 
 from ..errors import DataError, check_range
-from ..generation.generate import prefill_step
+from ..generation.settings import prefill_step
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, BOS included; continuation ids)
 LOGITS_BUDGET = 1 << 26  # floats of logits held at once (256 MB in float32): rows are scored in slices
