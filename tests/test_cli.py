@@ -17,6 +17,7 @@ COMMANDS = [
     "fuse",
     "quantize",
     "perplexity",
+    "evaluate",
     "bench",
     "info",
 ]

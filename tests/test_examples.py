@@ -77,3 +77,8 @@ def test_gguf_export_example():
     assert "model.gguf" in out and "round trip: logits within" in out and "ours:" in out
     lines = dict(line.split(":", 1) for line in out.splitlines() if line.startswith(("ours:", "llama.cpp:")))
     assert "skipped" in lines["llama.cpp"] or lines["llama.cpp"].strip() == lines["ours"].strip()  # same greedy text
+
+
+def test_evaluate_example():
+    out = _run(str(EXAMPLES / "evaluate.py"))
+    assert "next_line.yaml: acc 0." in out and "cloze on 9 lines" in out

@@ -1,0 +1,283 @@
+"""Log-likelihood of (context, continuation) requests on token ids, as lm-eval-harness asks for them: BOS once,
+the context/continuation split made on token ids, shared contexts prefilled once, rows batched with right padding,
+left truncation only when the whole continuation still fits, and rolling windows for long documents."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import BatchKVCache
+from tqdm import tqdm
+
+from ..errors import DataError, check_range
+from ..generation.settings import prefill_step
+
+Request = tuple[Sequence[int], Sequence[int]]  # (context ids, BOS included; continuation ids)
+LOGITS_BUDGET = 1 << 26  # floats of logits held at once (256 MB in float32): rows are scored in slices
+
+
+@dataclass(frozen=True)
+class Score:
+    """A continuation's summed log-probability (nats), whether greedy decoding would produce it, its token count."""
+
+    logprob: float
+    is_greedy: bool
+    tokens: int
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(BOS + context ids, continuation ids) for a request, split on token ids.
+
+    The text `context + continuation` is encoded once; the context is the longest common token prefix of that
+    encoding and of `context` encoded alone, the continuation the rest. So the two parts always concatenate to the
+    text's own tokenization: where SentencePiece merges characters across the boundary ("foo" + "bar" -> "foobar"),
+    the merged token belongs to the continuation and is scored, never silently dropped or split. Trailing spaces of
+    the context move to the continuation by the same rule. BOS is prepended exactly once, as Apple evaluated
+    (lm-eval's `add_bos_token=True`); an empty context is BOS alone.
+
+    Raises:
+        DataError: the continuation has no tokens of its own.
+    """
+    whole = tokenizer.encode(context + continuation, add_bos=False)
+    n = common_prefix_length(tokenizer.encode(context, add_bos=False), whole)
+    if n == len(whole):
+        raise DataError(f"the continuation {continuation[:40]!r} has no tokens of its own (context {context[-40:]!r})")
+    return [tokenizer.bos_id, *whole[:n]], whole[n:]
+
+
+def fit_context(context: Sequence[int], continuation: Sequence[int], max_length: int, index: int = 0) -> list[int]:
+    """`context` cut from the left so that the model's input (context + continuation minus its last token) fits
+    `max_length` tokens; the continuation is never cut.
+
+    Raises:
+        DataError: naming request `index` when even one context token and the whole continuation do not fit.
+    """
+    excess = len(context) + len(continuation) - 1 - max_length
+    if excess <= 0:
+        return list(context)
+    if len(continuation) > max_length:
+        raise DataError(
+            f"request {index}: its continuation has {len(continuation)} tokens, more than the model's context of "
+            f"{max_length}; it cannot be scored without cutting it"
+        )
+    return list(context[excess:])
+
+
+def _check_ids(ids: Sequence[int], vocab: int, what: str) -> None:
+    if not ids:
+        raise DataError(f"{what} is empty")
+    if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab for t in ids):
+        raise DataError(f"{what}: token ids must be whole numbers in [0, {vocab})")
+
+
+def loglikelihood(
+    model: nn.Module,
+    requests: Sequence[Request],
+    batch_size: int = 16,
+    progress: bool = False,
+    max_length: int | None = None,
+    share_contexts: bool = True,
+) -> list[Score]:
+    """Score each continuation given its context (ids; the context carries its own BOS, see `encode_pair`).
+
+    Requests that share a context form a group: its context is prefilled once into a KV cache and its continuations
+    run as rows of one batch. Up to `batch_size` continuation rows go through the model together, longest first,
+    right-padded (a row never attends to its padding: it comes after it). Contexts longer than the window are cut
+    from the left (`fit_context`; a warning counts them).
+
+    Args:
+        model: an OpenELM `Model` (its `transformer` and `head` are called, so only scored positions get logits).
+        max_length: the window (default: the model's `max_context_length`).
+        progress: a tqdm bar on stderr with requests done and tokens/s.
+        share_contexts: False runs every request as its own row, its context included (benchmarks/eval_speed.py
+            measures both ways).
+
+    Raises:
+        DataError: naming a request whose ids are bad or whose continuation cannot fit.
+    """
+    check_range("batch_size", batch_size, 1, integer=True)
+    max_length = max_length or model.config.max_context_length
+    vocab = model.config.vocab_size
+    fitted: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    cut = 0
+    for i, (ctx, cont) in enumerate(requests):
+        _check_ids(ctx, vocab, f"request {i}: the context")
+        _check_ids(cont, vocab, f"request {i}: the continuation")
+        kept = fit_context(ctx, cont, max_length, i)
+        cut += len(kept) < len(ctx)
+        fitted.append((tuple(int(t) for t in kept), tuple(int(t) for t in cont)))
+    if cut:
+        warnings.warn(
+            f"{cut} context(s) longer than the model's window of {max_length} tokens were cut from the left",
+            stacklevel=2,
+        )
+    results: list[Score | None] = [None] * len(fitted)
+    bar = tqdm(total=len(fitted), desc="loglikelihood", unit="req", disable=not progress, leave=False)
+    tic, tokens = time.perf_counter(), 0
+    for batch in _batches(fitted, batch_size, share_contexts):
+        tokens += _score_batch(model, batch, fitted, results)
+        bar.update(sum(len(rows) for _, rows in batch))
+        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - tic, 1e-9):.0f} tok/s", refresh=False)
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+Piece = tuple[tuple[int, ...], list[int]]  # a context and the indices of (some of) its requests
+
+
+def _batches(
+    fitted: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], batch_size: int, share: bool = True
+) -> list[list[Piece]]:
+    """Groups of requests sharing a context, cut to at most `batch_size` rows, packed into batches longest first."""
+    groups: dict[Any, list[int]] = {}
+    for i, (ctx, _) in enumerate(fitted):
+        groups.setdefault(ctx if share else i, []).append(i)
+    pieces: list[Piece] = []
+    for rows in groups.values():
+        ctx = fitted[rows[0]][0]
+        rows.sort(key=lambda r: -len(fitted[r][1]))
+        pieces += [(ctx, rows[s : s + batch_size]) for s in range(0, len(rows), batch_size)]
+    pieces.sort(key=lambda p: -(len(p[0]) + len(fitted[p[1][0]][1])))
+    batches: list[list[Piece]] = [[]]
+    for piece in pieces:
+        if batches[-1] and sum(len(r) for _, r in batches[-1]) + len(piece[1]) > batch_size:
+            batches.append([])
+        batches[-1].append(piece)
+    return [b for b in batches if b]
+
+
+def _prefill(model: nn.Module, prefixes: Sequence[Sequence[int]]) -> list[BatchKVCache]:
+    """A KV cache per layer holding the left-padded `prefixes` (one row each; empty prefixes are all padding)."""
+    longest = max(len(p) for p in prefixes)
+    cache = [BatchKVCache([longest - len(p) for p in prefixes]) for _ in model.layers]
+    if longest:
+        tokens = mx.array([[0] * (longest - len(p)) + list(p) for p in prefixes], dtype=mx.uint32)
+        step = prefill_step()
+        for start in range(0, longest, step):
+            model.transformer(tokens[:, start : start + step], cache=cache)
+            mx.eval([c.state for c in cache])
+    return cache
+
+
+def _score_batch(
+    model: nn.Module,
+    batch: list[Piece],
+    fitted: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
+    results: list[Score | None],
+) -> int:
+    """Score one batch into `results`; returns the tokens that went through the model."""
+    shared = [len(rows) > 1 for _, rows in batch]  # a lone request runs in one pass, without a cache
+    prefixes = [ctx[:-1] if s else () for (ctx, _), s in zip(batch, shared)]
+    cache = _prefill(model, prefixes)
+    inputs, targets, order, group_of_row = [], [], [], []
+    for g, ((ctx, rows), s) in enumerate(zip(batch, shared)):
+        for r in rows:
+            cont = fitted[r][1]
+            inputs.append(list(ctx[-1:] if s else ctx) + list(cont[:-1]))
+            targets.append(cont)
+            order.append(r)
+            group_of_row.append(g)
+    for c in cache:
+        c.filter(mx.array(group_of_row))  # one cache row per continuation (a shared context is copied, not re-run)
+    width = max(len(x) for x in inputs)
+    tokens = mx.array([x + [0] * (width - len(x)) for x in inputs], dtype=mx.uint32)
+    hidden = model.transformer(tokens, cache=cache)  # (B, width, D)
+    K = max(len(t) for t in targets)
+    # position j of row i predicts targets[i][j]: the continuation's first token is predicted by the last context token
+    positions = [[len(x) - len(t) + min(j, len(t) - 1) for j in range(K)] for x, t in zip(inputs, targets)]
+    padded = [list(t) + [0] * (K - len(t)) for t in targets]
+    valid = mx.array([[j < len(t) for j in range(K)] for t in targets])
+    hidden = mx.take_along_axis(hidden, mx.array(positions)[..., None], axis=1)  # (B, K, D)
+    lp, greedy = _token_scores(model, hidden, mx.array(padded), valid)
+    for i, r in enumerate(order):
+        results[r] = Score(lp[i], greedy[i], len(targets[i]))
+    return sum(map(len, prefixes)) + sum(map(len, inputs))
+
+
+def _token_scores(model: nn.Module, hidden: mx.array, targets: mx.array, valid: mx.array) -> tuple[list, list]:
+    """Per row: the summed float32 log-probability of `targets` where `valid`, and whether each was the argmax."""
+    B, K, _ = hidden.shape
+    step = max(1, LOGITS_BUDGET // (K * model.config.vocab_size))
+    sums: list[float] = []
+    greedy: list[bool] = []
+    for s in range(0, B, step):
+        logits = model.head(hidden[s : s + step]).astype(mx.float32)  # (b, K, vocab)
+        chosen = mx.take_along_axis(logits, targets[s : s + step, :, None], axis=-1)[..., 0]
+        lp = mx.where(valid[s : s + step], chosen - mx.logsumexp(logits, axis=-1), 0.0).sum(-1)
+        hit = ((logits.argmax(-1) == targets[s : s + step]) | ~valid[s : s + step]).all(-1)
+        mx.eval(lp, hit)
+        sums += lp.tolist()
+        greedy += hit.tolist()
+    return sums, greedy
+
+
+def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[Request]:
+    """lm-eval's rolling windows (`get_rolling_token_windows` with context_len=1, made disjoint): every token is
+    predicted exactly once; the first window is conditioned on `prefix_token` (BOS), every later one on as many of
+    the preceding tokens as fit the window, so each input is `max_length` tokens."""
+    check_range("max_length", max_length, 1, integer=True)
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    windows: list[Request] = [([prefix_token], tokens[:first])]
+    predicted = first
+    while predicted < len(tokens):
+        n = min(len(tokens) - predicted, max_length)
+        end = predicted + n
+        windows.append((tokens[end - max_length - 1 : end - n], tokens[end - n : end]))
+        predicted = end
+    return windows
+
+
+def loglikelihood_rolling(
+    model: nn.Module,
+    documents: Sequence[Sequence[int]],
+    bos_id: int,
+    batch_size: int = 16,
+    progress: bool = False,
+    max_length: int | None = None,
+) -> list[float]:
+    """The log-likelihood of each whole document (ids without BOS), over `rolling_windows` of the model's context.
+
+    Raises:
+        DataError: a document is empty or holds bad ids.
+    """
+    max_length = max_length or model.config.max_context_length
+    requests: list[Request] = []
+    owner: list[int] = []
+    for d, doc in enumerate(documents):
+        _check_ids(doc, model.config.vocab_size, f"document {d}")
+        windows = rolling_windows(doc, bos_id, max_length)
+        requests += windows
+        owner += [d] * len(windows)
+    totals = [0.0] * len(documents)
+    for d, score in zip(owner, loglikelihood(model, requests, batch_size, progress, max_length)):
+        totals[d] += score.logprob
+    return totals
+
+
+def mean_stderr(values: Sequence[float]) -> float:
+    """The standard error of a mean (sample standard deviation / sqrt(n)), as lm-eval reports it."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
