@@ -228,7 +228,7 @@ def test_cli_generates_several_prompts_in_order(tmp_path, demo):
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["prompt"] for line in lines] == [t.replace("\n", " ") for t in TEXTS[:3]]
-    assert lines[0]["text"] == answers[0]
+    assert lines[0]["text"] == answers[0] and lines[0]["finish_reason"] in ("eos", "length")
 
 
 @pytest.mark.parametrize(
@@ -292,3 +292,37 @@ def test_cli_refuses_a_prompt_past_the_context_in_one_line(tmp_path, demo):
     assert result.exit_code == 1
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: --prompt: has 2002 tokens; the model's context is 64")
+
+
+def test_rows_the_engine_cannot_honour_or_that_fill_the_context(demo):
+    import dataclasses
+
+    model, tok = demo
+    with pytest.raises(OptionError, match="top_k: must be below the vocabulary size"):
+        Engine(model).add(Row([1, 2], GenerationConfig(top_k=model.config.vocab_size), frozenset({2})))
+    small = load(DEMO_DIR)[0]
+    small.config = dataclasses.replace(model.config, max_context_length=24)
+    row = Row(tok.encode("ROMEO:"), GenerationConfig(max_tokens=500), frozenset())
+    Engine(small).run([row])
+    assert row.finish_reason == "length" and len(row.prompt) + len(row.tokens) == 24
+
+
+def test_a_row_cancelled_while_its_prompt_is_fed_stops_being_fed(demo):
+    model, tok = demo
+    row = Row(tok.encode("word " * 200), GenerationConfig(max_tokens=4), frozenset({tok.eos_id}))
+    engine = Engine(model, prefill_chunk=8)
+    engine.add(row)
+    engine.step()
+    engine.cancel(row)
+    assert row in engine.step() and not engine.busy
+
+
+def test_an_identical_prompt_reuses_all_but_its_last_token(demo):
+    model, tok = demo
+    config = GenerationConfig(max_tokens=6)
+    engine = Engine(model, prompt_cache_size=4)
+    prompt = tok.encode(TEXTS[1])
+    engine.run([Row(prompt, config, frozenset({tok.eos_id}))])
+    again = Row(prompt, config, frozenset({tok.eos_id}))
+    engine.run([again])
+    assert again.cached_tokens == len(prompt) - 1 and again.tokens == alone(model, again)

@@ -212,7 +212,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"presence_penalty": 1}, 400, "presence_penalty: is not supported"),
     ("/v1/chat/completions", {"top_logprobs": 2}, 400, "top_logprobs: needs logprobs=true"),
     ("/v1/chat/completions", {"model": "gpt-4o"}, 404, "model: 'gpt-4o' is not served here"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ho " * 600}]}, 400, "more than the model's"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ho " * 600}]}, 400, "the model's context is"),
     ("/v1/completions", {"max_tokens": 5}, 400, "prompt: is required"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt: only one prompt"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, "prompt: token ids must be in"),
@@ -293,6 +293,27 @@ def test_disconnect_mid_stream_stops_generation(client, url):
         time.sleep(0.05)
     assert health(url)["cancelled"] == before + 1
     assert chat(client, "Still there?", max_tokens=3).usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_frees_its_row(url, stream):
+    """Tokens keep flowing to a closed socket without an error: the server must notice the disconnect itself."""
+    body = json.dumps({"messages": [{"role": "user", "content": "Go on."}], "max_tokens": LIMIT, "stream": stream})
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head.encode() + body.encode())
+        deadline = time.time() + 10
+        while health(url)["active"] == 0 and time.time() < deadline:
+            time.sleep(0.02)
+        assert health(url)["active"] == 1
+    deadline = time.time() + 5
+    while health(url)["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert health(url)["active"] == 0
 
 
 class FlakyModel:

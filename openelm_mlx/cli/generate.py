@@ -187,10 +187,12 @@ def _generate_many(
     from ..generation.generate import generate_batch
 
     tic = time.perf_counter()
-    answers = generate_batch(m, tok, prompts, config=config, system=system, chat=chat)
+    reasons: list[str] = []
+    answers = generate_batch(m, tok, prompts, config=config, system=system, chat=chat, finish_reasons=reasons)
     elapsed = time.perf_counter() - tic
-    for p, a in zip(prompts, answers):
-        line = json.dumps({"prompt": p, "text": a}, ensure_ascii=False) if json_lines else a.replace("\n", "\\n")
+    for p, a, reason in zip(prompts, answers, reasons):
+        record = {"prompt": p, "text": a, "finish_reason": reason}
+        line = json.dumps(record, ensure_ascii=False) if json_lines else a.replace("\n", "\\n")
         sys.stdout.write(line + "\n")
     sys.stdout.flush()
     if verbose:

@@ -65,7 +65,9 @@ class Row:
         prompt: the ids fed before generation (after whatever `cache` already holds).
         config: its settings; `eos_ids` end it (not included in `tokens`).
         cache: a caller's KV cache that holds the context before `prompt` (a chat); it is written back when the row
-            ends, holding every token fed, that is all of `prompt` and `tokens` but the last.
+            ends, holding every token fed: all of `prompt` and `tokens`, but the last token when the row did not end
+            on EOS (an EOS is never fed). With `max_kv_size`, the batch's rotating window keeps no first tokens
+            (mlx-lm's BatchRotatingKVCache has no `keep`).
         logprobs: keep each step's log-probabilities (a (V,) array per token) in `step_logprobs`.
         on_token: called with (row, token) from the engine loop; an exception there ends only this row.
     """
@@ -83,8 +85,7 @@ class Row:
     cached_tokens: int = 0  # prompt tokens taken from the engine's prompt cache
     sampler: RowSampler = field(init=False)
     next_input: int = field(init=False, default=-1)
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
+    room: int | None = field(init=False, default=None)  # tokens left in the model's context (None: rotating cache)
 
     def __post_init__(self) -> None:
         self.sampler = RowSampler(self.config)
@@ -119,10 +120,7 @@ class EngineStats:
     active: int = 0
     prefilling: int = 0
     queued: int = 0
-    finished: int = 0
     generated_tokens: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens made by one decode step)
 
     def tokens_per_second(self, window: float = 10.0) -> float:
@@ -175,13 +173,24 @@ class Engine:
     # -- the public surface -------------------------------------------------------------------------------------
 
     def add(self, row: Row) -> Row:
-        """Queue a row (its prompt is checked here: OptionError for ids outside the vocabulary)."""
+        """Queue a row (its prompt and settings are checked here: OptionError naming what the engine cannot honour).
+
+        Without a rotating `max_kv_size`, a row ends ("length") when it fills the model's context."""
         check_prompt_ids(self.model, row.prompt)
+        vocab = self.model.config.vocab_size
+        if row.config.top_k >= vocab:
+            raise OptionError(
+                "top_k", f"must be below the vocabulary size {vocab} (0 turns it off), got {row.config.top_k}"
+            )
         if row.config.stop and row.on_token is None:  # tokens only here: text is the caller's (a TextStream)
             raise OptionError("stop", "needs the row's text: pass on_token (generate() and the server do)")
         if row.config.kv_bits is not None or row.config.max_kv_size not in (None, self.max_kv_size):
             name = "kv_bits" if row.config.kv_bits is not None else "max_kv_size"
             raise OptionError(name, "is a setting of the engine, not of one row (a batch shares one cache layout)")
+        held = row.cache[0].offset if row.cache is not None else 0
+        row.room = (
+            None if self.max_kv_size is not None else self.model.config.max_context_length - held - len(row.prompt)
+        )
         self.queue.append(row)
         return row
 
@@ -198,6 +207,9 @@ class Engine:
         """Admit queued rows, feed one prefill chunk, advance every decoding row by one token. Returns the rows that
         finished in this step (their caches are written back and remembered)."""
         finished = self._drop_finished()
+        for prefill in [p for p in self.prefills if all(r.done for r in p.rows)]:  # cancelled mid-prefill
+            self.prefills.remove(prefill)
+            self.ended += prefill.rows
         self._admit()
         if self.prefills:
             prefill = self.prefills[0]
@@ -218,7 +230,6 @@ class Engine:
         s = self.stats
         s.active, s.queued = len(self.rows), len(self.queue)
         s.prefilling = sum(len(p.rows) for p in self.prefills)
-        s.finished += len(finished)
         return finished
 
     def run(self, rows: Sequence[Row]) -> list[Row]:
@@ -274,12 +285,18 @@ class Engine:
             return row.cache, prompt
         if self.prompt_cache is None or len(prompt) < 2:
             return None, prompt
-        cache, rest = self.prompt_cache.fetch_nearest_cache(id(self.model), prompt[:-1])
-        if cache is None:
+        cache, rest = self.prompt_cache.fetch_nearest_cache(id(self.model), prompt)
+        cached = 0 if cache is None else len(prompt) - len(rest)
+        if cached == len(prompt):  # the whole prompt: its last token is fed again, for the first logits
+            cache = cache if all(c.is_trimmable() for c in cache) else None
+            cached -= 1
+            if cache is not None:
+                for c in cache:
+                    c.trim(1)
+        if cache is None or cached <= 0:
             return None, prompt
-        row.cached_tokens = len(prompt) - 1 - len(rest)
-        self.stats.cached_tokens += row.cached_tokens
-        return cache, prompt[row.cached_tokens :]
+        row.cached_tokens = cached
+        return cache, prompt[cached:]
 
     def _prefill_chunk(self, prefill: _Prefill) -> None:
         """Feed the next chunk of a prefill; when it is complete, its rows join the decoding batch."""
@@ -287,7 +304,6 @@ class Engine:
         if end > start:
             self.model(prefill.tokens[:, start:end], cache=prefill.cache)
             mx.eval([c.state for c in prefill.cache])
-            self.stats.prompt_tokens += (end - start) * len(prefill.rows)
         prefill.position = end
         if prefill.finished:
             self.prefills.remove(prefill)
@@ -324,50 +340,51 @@ class Engine:
             logits = mx.concatenate(rows)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         picks = mx.argmax(logprobs, axis=-1)
-        sampled = {i: r.sampler.sample(logprobs[i : i + 1]) for i, r in enumerate(self.rows) if not r.sampler.greedy}
+        sampled = {}
+        for i, row in enumerate(self.rows):
+            if not row.sampler.greedy:
+                try:
+                    sampled[i] = row.sampler.sample(logprobs[i : i + 1])
+                except Exception as e:  # noqa: BLE001 - a row's settings fail that row only
+                    row.finish_reason, row.error = "error", e
         if sampled:
             order = mx.array(list(sampled))
             picks[order] = mx.concatenate(list(sampled.values())).astype(picks.dtype)
-        mx.eval(picks, logprobs if any(r.logprobs for r in self.rows) else picks)
-        now = time.perf_counter()
+        mx.eval(picks, logprobs)  # logprobs: the rows that asked for them read their slice
         made = 0
         for i, (row, token) in enumerate(zip(self.rows, picks.tolist())):
             if row.done:
                 continue
             made += 1
             try:
-                self._advance(row, token, logprobs[i] if row.logprobs else None, now)
+                self._advance(row, token, logprobs[i] if row.logprobs else None)
             except Exception as e:  # noqa: BLE001 - one row's failure ends that row only
                 row.finish_reason, row.error = "error", e
         self.stats.generated_tokens += made
-        self.stats.recent.append((now, made))
+        self.stats.recent.append((time.perf_counter(), made))
 
     def _process(self, row: Row, logits: mx.array) -> mx.array:
-        history = mx.array(row.history(), dtype=mx.uint32)
+        history = mx.array(row.history()[-row.config.repetition_context_size :], dtype=mx.uint32)
         for proc in row.sampler.processors:
             logits = proc(history, logits)
         return logits
 
-    def _advance(self, row: Row, token: int, logprobs: mx.array | None, now: float) -> None:
-        if row.first_token_at is None:
-            row.first_token_at = now
-        if token in row.eos_ids:
+    def _advance(self, row: Row, token: int, logprobs: mx.array | None) -> None:
+        if token in row.eos_ids:  # never fed: the cache holds the prompt and every token before it
             row.finish_reason = "eos"
-            row.next_input = token  # EOS is part of the history the cache will hold
             return
         row.tokens.append(token)
         row.step_logprobs = logprobs
         row.next_input = token
         if row.on_token is not None and row.on_token(row, token):
             row.finish_reason = "stop"
-        elif len(row.tokens) >= row.config.max_tokens:
+        elif len(row.tokens) >= row.config.max_tokens or (row.room is not None and len(row.tokens) >= row.room):
             row.finish_reason = "length"
 
     def _drop_finished(self) -> list[Row]:
         """Take finished rows out of the batch: write back callers' caches, remember prefixes, free their places."""
         done = [i for i, r in enumerate(self.rows) if r.done]
-        finished = [r for r in self.queue if r.done]
-        self.queue = deque(r for r in self.queue if not r.done)
+        finished: list[Row] = []  # (rows cancelled while queued are dropped by _admit)
         if not done:
             return finished
         for i in done:
@@ -387,6 +404,7 @@ class Engine:
         if row.finish_reason == "error" or (row.cache is None and self.prompt_cache is None):
             return
         state = [c.extract(index) for c in self.cache]
+        mx.eval([c.state for c in state])  # own copies: a lazy slice would keep the whole batch buffer alive
         fed = row.prompt + row.tokens
         if row.finish_reason != "eos":
             fed = fed[:-1]  # the last token was sampled, never fed

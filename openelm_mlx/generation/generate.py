@@ -81,7 +81,9 @@ def _mlx_lm_steps(
     prompt = mx.array(list(prompt_ids), dtype=mx.uint32)
     if draft_model is not None:
         check_draft_model(model, draft_model)
-        cache = prompt_cache or make_prompt_cache(model) + make_prompt_cache(draft_model)
+        cache = prompt_cache or make_prompt_cache(model, config.max_kv_size) + make_prompt_cache(
+            draft_model, config.max_kv_size
+        )
         steps = speculative_generate_step(
             prompt,
             decoder_for(model),
@@ -356,11 +358,13 @@ def generate_batch(
     chat: bool | None = None,
     draft_model: nn.Module | None = None,
     max_batch: int = MAX_BATCH,
+    finish_reasons: list[str] | None = None,
     **settings: Any,
 ) -> list[str]:
     """Answers to several prompts, decoded together on the engine (at most `max_batch` rows at once).
 
     Speculative decoding and a quantized KV cache are single-stream features and raise OptionError here.
+    `finish_reasons`, when given, receives each answer's ("eos", "stop_string" or "length").
     """
     config = resolve_config(config, settings)
     if draft_model is not None:
@@ -371,7 +375,6 @@ def generate_batch(
         raise OptionError("prompt", "the batch holds no prompts")
     ids = [encode_prompt(tokenizer, p, system, chat) for p in prompts]
     for row_ids in ids:
-        check_prompt_ids(model, row_ids)
         check_context(model, row_ids)
     texts = [TextStream(tokenizer, row_ids, config) for row_ids in ids]
     pieces: list[list[str]] = [[] for _ in ids]
@@ -388,7 +391,10 @@ def generate_batch(
     for row in rows:
         if row.error is not None:
             raise row.error
-    return ["".join(p) + t.finish()[0] for p, t in zip(pieces, texts)]
+    ends = [t.finish() for t in texts]
+    if finish_reasons is not None:
+        finish_reasons[:] = [reason for _, reason in ends]
+    return ["".join(p) + tail for p, (tail, _) in zip(pieces, ends)]
 
 
 __all__ = [

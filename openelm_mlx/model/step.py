@@ -144,6 +144,20 @@ def _layout(cache: list[Any] | None) -> tuple[type, int] | None:
     return (kind, column) if all(col == column for col in same) else None
 
 
+CAPACITY_STEP = 256  # mlx-lm's cache growth step
+
+
+def _round_capacity(cache: list[Any]) -> None:
+    """Pad the buffers to a multiple of 256 positions: a batch cache's `filter`/`extend` leave any capacity, and each
+    new capacity would be a new trace of the step. The columns added lie past the write column (masked, unread)."""
+    capacity = cache[0].keys.shape[2]
+    extra = -capacity % CAPACITY_STEP
+    if extra:
+        pad = [(0, 0), (0, 0), (0, extra), (0, 0)]
+        for c in cache:
+            c.keys, c.values = mx.pad(c.keys, pad), mx.pad(c.values, pad)
+
+
 class _CompiledStep:
     """A model's compiled step for one choice of kernels. The weights are the compiled function's implicit inputs,
     read at each call, so it follows `model.update`; MLX traces it again for each new combination of input shapes
@@ -211,6 +225,7 @@ class CompiledDecoder:
         if layout is None:
             return model(tokens, cache)
         kind, column = layout
+        _round_capacity(cache)
         B = tokens.shape[0]
         if kind is KVCache:
             offset, start = mx.full((B,), column, dtype=mx.int32), mx.zeros((B,), dtype=mx.int32)

@@ -219,6 +219,7 @@ class Server:
         parsed = await run_in_threadpool(parse_request, kind, body, w.tokenizer, w.model.config, self.settings)
         events: asyncio.Queue[Event] = asyncio.Queue()
         job = Job(parsed, _emitter(asyncio.get_running_loop(), events))
+        job.watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         w.submit(job)
         answer = _Answer(parsed, self.settings.model_id)
         try:
@@ -240,7 +241,17 @@ class Server:
                 event = await _next(events, request, job)
         finally:
             job.cancelled.set()  # a no-op once done; stops the worker when we leave early
+            job.watcher.cancel()
         return JSONResponse(answer.whole(pieces, event))
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancel `job` as soon as its client disconnects (its body is read by now, so the next message is the
+    disconnect): a write to a closed socket raises nothing, so the stream alone would never notice."""
+    with contextlib.suppress(asyncio.CancelledError):
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancelled.set()
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event]) -> Callable[[Event], None]:
@@ -297,6 +308,7 @@ async def _stream(first: Event, events: asyncio.Queue[Event], job: Job, answer: 
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()
+        job.watcher.cancel()
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -216,9 +216,10 @@ def parse_request(kind: str, body: Any, tokenizer: Any, model_config: Any, setti
         raise APIError(400, f"{name}: must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param=name)
     request.top_logprobs = top or 0
     limit = model_config.max_context_length
-    if len(request.ids) > limit:
-        raise APIError(400, f"{prompt_field}: the prompt has {len(request.ids)} tokens, more than the model's "
-                       f"context of {limit}", param=prompt_field, code="context_length_exceeded")  # fmt: skip
+    if len(request.ids) >= limit:  # the same rule as generate and chat: room for at least one generated token
+        raise APIError(400, f"{prompt_field}: the prompt has {len(request.ids)} tokens; the model's context is {limit} "
+                       "tokens, with room for at least one more", param=prompt_field,
+                       code="context_length_exceeded")  # fmt: skip
     log.debug("%s request: %d prompt tokens, stream=%s, %s, %s", kind, len(request.ids), stream, config,
               _show_prompt(body))  # fmt: skip
     return request

@@ -65,6 +65,7 @@ class Job:
     request: GenRequest
     emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    watcher: Any = None  # the HTTP side's task that cancels the job when its client goes away
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ class Worker:
         still = []
         for r in self._running:
             row = r.row
-            if len(row.tokens) > r.sent and row.finish_reason != "cancelled":
+            if len(row.tokens) > r.sent and row.finish_reason not in ("cancelled", "error"):
                 r.sent = len(row.tokens)
                 logprob = self._logprob(row, r.job.request.top_logprobs) if row.logprobs else None
                 r.job.emit(Piece(r.piece, logprob))
