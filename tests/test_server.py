@@ -304,16 +304,18 @@ def test_a_client_that_hangs_up_frees_its_row(url, stream):
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     host, port = url.removeprefix("http://").split(":")
+    before = health(url)["cancelled"]
     with socket.create_connection((host, int(port))) as s:
         s.sendall(head.encode() + body.encode())
         deadline = time.time() + 10
         while health(url)["active"] == 0 and time.time() < deadline:
             time.sleep(0.02)
         assert health(url)["active"] == 1
-    deadline = time.time() + 5
+    deadline = time.time() + 10
     while health(url)["active"] and time.time() < deadline:
         time.sleep(0.05)
     assert health(url)["active"] == 0
+    assert health(url)["cancelled"] == before + 1  # stopped, not run to its end
 
 
 class FlakyModel:
