@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import OptionError, settings_field
+from ..model.config import OpenELMConfig
 from ..quant.recipes import QUANTIZED
 from .settings import ExampleSettings, merge_settings, read_config_file
 from .trainable import ModelWeights
@@ -52,13 +53,21 @@ def check_float(model: nn.Module, name: str) -> None:
         raise OptionError("model", f"{name} {QUANTIZED_BASE}")
 
 
-def check_base(path: str) -> None:
-    """Before loading: a local model folder whose config.json says it is quantized is refused."""
-    from ..folders.io import read_json
+def read_base(path: str) -> OpenELMConfig | None:
+    """Before loading: the config of a local model folder (None for a Hub repo), refused when quantized.
 
-    config = Path(path) / "config.json"
-    if config.is_file() and read_json(config).get("quantization"):
+    Raises:
+        OptionError: the model is quantized, with where to go instead.
+        CheckpointError: a corrupt config.json.
+    """
+    from ..folders.io import read_config
+
+    if not (Path(path) / "config.json").is_file():
+        return None
+    config, raw = read_config(Path(path))
+    if raw.get("quantization"):
         raise OptionError("model", f"{path} {QUANTIZED_BASE}")
+    return config
 
 
 def finetune(config: FinetuneConfig, progress: bool = False, model: Any = None, tokenizer: Any = None) -> dict[str, float]:
@@ -69,12 +78,12 @@ def finetune(config: FinetuneConfig, progress: bool = False, model: Any = None, 
     from ..folders.io import cast_floating, load
 
     check_paths(config)
-    check_base(config.model)
+    if (base := read_base(config.model)) is not None:
+        config.layers_of(base.num_transformer_layers)  # before anything is loaded
     rank = mx.distributed.init().rank()
     ckpt = prepare_folder(config, ModelWeights(0)) if rank == 0 else None  # before any loading
     if model is None:
         model, tokenizer = load(config.model, config.tokenizer, dtype="float32")
     check_float(model, config.model)
-    config.layers_of(len(model.layers))  # checked before anything else is read
     cast_floating(model, mx.float32)  # float32 master weights
     return train_on_examples(config, model_weights(config, model), model, tokenizer, progress, ckpt)

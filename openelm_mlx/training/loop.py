@@ -371,22 +371,25 @@ class Trainer:
         return metrics
 
     def gradients(self, micro_batches: Sequence[Batch]) -> tuple[mx.array, dict, int]:
-        """(mean loss, mean gradients, real tokens) over `micro_batches` (and over the processes), unapplied."""
-        total, grads, tokens = mx.array(0.0), None, mx.array(0)
+        """(loss, gradients, real tokens) over `micro_batches` and over the processes, unapplied.
+
+        Each micro-batch counts by its real (unmasked) tokens, so the result is the mean over every token of
+        the global batch, however it is split into micro-batches and processes."""
+        total, grads, tokens = mx.array(0.0), None, mx.array(0.0)
         for batch in micro_batches:
             loss, n_tokens, g = self._micro(*batch)
+            n = n_tokens.astype(mx.float32)
+            g = tree_map(lambda x: x * n, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            total = total + loss
-            tokens = tokens + n_tokens  # real (unmasked) tokens
+            total = total + loss * n
+            tokens = tokens + n
             mx.eval(total, grads, tokens)
-        k = len(micro_batches)
-        if k > 1:
-            grads = tree_map(lambda g: g / k, grads)
-        loss = total / k
         if self.world > 1:
-            grads = nn.average_gradients(grads, group=self.group)
-            loss = mx.distributed.all_sum(loss, group=self.group) / self.world
-        return loss, grads, int(tokens.item()) * self.world
+            grads = tree_map(lambda x: x * self.world, nn.average_gradients(grads, group=self.group))
+            total = mx.distributed.all_sum(total, group=self.group)
+            tokens = mx.distributed.all_sum(tokens, group=self.group)
+        scale = 1 / mx.maximum(tokens, 1)
+        return total * scale, tree_map(lambda x: x * scale, grads), int(tokens.item())
 
     def step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
         """One optimizer step over `micro_batches` (gradient accumulation); returns metrics."""

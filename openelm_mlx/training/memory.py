@@ -136,24 +136,35 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _largest_batch(plan: MemoryPlan, limit: int) -> int:
+    """The largest batch (at most the plan's) whose checkpointed run fits `limit` (0: none)."""
+    fixed = replace(plan, grad_checkpoint=True)
+    per_example = fixed.activations_checkpointed / max(plan.batch_size, 1)
+    room = limit - (fixed.total - fixed.activations_checkpointed)
+    return min(plan.batch_size, int(room // per_example)) if room > 0 and per_example > 0 else 0
+
+
 def cheapest_fix(plan: MemoryPlan, limit: int, lora_hint: bool = True) -> str:
-    """The first change that brings `plan` under `limit`: checkpointing, a smaller batch, Adafactor, or lora."""
+    """The first change that brings `plan` under `limit`: checkpointing, then a smaller batch (the same
+    global batch through accumulation), then Adafactor's factored state, then adapters (lora)."""
     if not plan.grad_checkpoint and replace(plan, grad_checkpoint=True).total <= limit:
         return "add --grad-checkpoint"
-    fixed = replace(plan, grad_checkpoint=True)
-    per_example = (fixed.activations_checkpointed) / max(plan.batch_size, 1)
-    room = limit - (fixed.total - fixed.activations_checkpointed)
-    if room > 0 and per_example > 0 and int(room // per_example) >= 1:
-        batch = int(room // per_example)
-        accum = -(-plan.batch_size // batch)
-        return f"use --grad-checkpoint --batch-size {batch} --grad-accum {accum} (the same global batch)"
-    if plan.optimizer_name != "adafactor":
-        adafactor = plan.optimizer // (2 if plan.optimizer_name == "adamw" else 1) // 64  # factored: tiny
-        if replace(fixed, optimizer=adafactor).total <= limit:
-            return "use --optimizer adafactor --grad-checkpoint"
-    return "train adapters with `openelm-mlx lora` (QLoRA on a quantized model for the least memory)" if lora_hint else (
-        "use a smaller model or a machine with more memory"
-    )
+    options = "--grad-checkpoint"
+    for optimizer in dict.fromkeys([plan.optimizer_name, "adafactor"]):
+        if optimizer != plan.optimizer_name:
+            scale = plan.optimizer / max(optimizer_state_bytes(plan.optimizer_name, {"w": mx.zeros((1024, 1024))}), 1)
+            plan = replace(plan, optimizer=int(scale * optimizer_state_bytes(optimizer, {"w": mx.zeros((1024, 1024))})))
+            plan = replace(plan, optimizer_name=optimizer)
+            options = f"--optimizer {optimizer} {options}"
+        batch = _largest_batch(plan, limit)
+        if batch >= 1:
+            if batch == plan.batch_size:
+                return f"use {options}"
+            accum = -(-plan.batch_size // batch)
+            return f"use {options} --batch-size {batch} --grad-accum {accum} (about the same global batch)"
+    if lora_hint:
+        return "train adapters with `openelm-mlx lora` (QLoRA on a quantized model for the least memory)"
+    return "use a smaller model or a machine with more memory"
 
 
 def check_memory(plan: MemoryPlan, force: bool = False, limit: int | None = None, lora_hint: bool = True) -> str:

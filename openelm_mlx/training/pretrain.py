@@ -261,14 +261,12 @@ def _plan(model: Model, run: PretrainConfig, seq_len: int) -> Any:
 
 def _init_config(path: str) -> OpenELMConfig:
     """The config of the model to continue, read before its weights; a quantized one is refused."""
-    from ..folders.io import read_config
-    from .finetune import check_base
+    from .finetune import read_base
 
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: not a model folder (no config.json): --init-from takes a converted model")
-    check_base(path)
-    return read_config(folder)[0]
+    config = read_base(path)
+    if config is None:
+        raise CheckpointError(f"{path}: not a model folder (no config.json): --init-from takes a converted model")
+    return config
 
 
 def _init_model(config: OpenELMConfig, run: PretrainConfig) -> Model:
