@@ -33,7 +33,8 @@ from openelm_mlx.training.pretrain import init_weights
 from openelm_mlx.training.settings import RunSettings
 from openelm_mlx.training.trainable import ModelWeights
 from openelm_mlx.training.tune import make_trainer
-arch, B, L, optimizer, dtype, ckpt, steps = json.loads(sys.argv[1]), *map(int, sys.argv[2:4]), *sys.argv[4:6], sys.argv[6] == "1", int(sys.argv[7])
+arch, B, L, optimizer, dtype = json.loads(sys.argv[1]), *map(int, sys.argv[2:4]), *sys.argv[4:6]
+ckpt, steps = sys.argv[6] == "1", int(sys.argv[7])
 preset = arch.pop("preset", None)
 config = OpenELMConfig.from_preset(preset) if preset else OpenELMConfig.from_layerwise(
     qkv_multipliers=(0.5, 1.0), ffn_multipliers=(0.5, 4.0), num_gqa_groups=4, ffn_dim_divisor=64, **arch)

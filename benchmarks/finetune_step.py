@@ -9,7 +9,6 @@ rows are merged into benchmarks/results.json.
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 import tempfile

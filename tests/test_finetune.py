@@ -4,7 +4,6 @@ output, data parallelism, divergence, the memory plan, and bad input refused in 
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -178,7 +177,9 @@ def test_divergence_stops_at_the_step_and_writes_no_nan_checkpoint(task, tmp_pat
 
 def test_divergence_before_any_checkpoint_says_so(task, tmp_path, monkeypatch):
     _diverge_at(monkeypatch, 1)
-    result = CliRunner().invoke(app, ["finetune", "--model", str(DEMO_DIR), "--data", str(task), "-o", str(tmp_path / "m"), "--steps", "2"])
+    result = CliRunner().invoke(
+        app, ["finetune", "--model", str(DEMO_DIR), "--data", str(task), "-o", str(tmp_path / "m"), "--steps", "2"]
+    )
     assert result.exit_code == 1
     (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
     assert "--lr: training diverged at step 1" in line and "no checkpoint was saved" in line
@@ -293,7 +294,10 @@ def test_a_quantized_base_is_refused_with_where_to_go(task, tmp_path):
         finetune(FinetuneConfig(**_settings(task, tmp_path / "m", model=str(tmp_path / "q"))))
     assert e.value.option == "model"
     with pytest.raises(OptionError, match="is quantized"):
-        pretrain(None, PretrainConfig(data=[str(task / "train.jsonl")], init_from=str(tmp_path / "q"), out=str(tmp_path / "p")))
+        pretrain(
+            None,
+            PretrainConfig(data=[str(task / "train.jsonl")], init_from=str(tmp_path / "q"), out=str(tmp_path / "p")),
+        )
 
 
 def test_pretrain_init_from_refuses_arch_a_non_model_and_another_vocabulary(tmp_path):

@@ -17,10 +17,10 @@ from openelm_mlx.demo import DEMO_DIR
 from openelm_mlx.errors import CheckpointError, OptionError
 from openelm_mlx.folders.io import load, load_model, save
 from openelm_mlx.generation.generate import generate
-from openelm_mlx.quant.recipes import quantize_model
-from openelm_mlx.training.data import DataError, FinetuneData, load_split
 from openelm_mlx.model.loss import lm_loss
+from openelm_mlx.quant.recipes import quantize_model
 from openelm_mlx.training.adapters import ADAPTERS_FILE, fuse_model, load_adapters
+from openelm_mlx.training.data import DataError, FinetuneData, load_split
 from openelm_mlx.training.lora import LoraConfig, make_config, train_lora
 from openelm_mlx.training.trainable import AdapterWeights
 from openelm_mlx.training.tune import prepare_folder

@@ -44,9 +44,7 @@ def _close(a: dict, b: dict, rtol: float = 1e-4) -> bool:
     step moves a weight by about lr * sign(gradient), and a near-zero gradient's sign is summation noise)."""
     fa, fb = dict(tree_flatten(a)), dict(tree_flatten(b))
     assert fa.keys() == fb.keys()
-    return all(
-        (mx.abs(fa[k] - fb[k]).max() <= rtol * mx.maximum(mx.abs(fb[k]).max(), 1e-6)).item() for k in fa
-    )
+    return all((mx.abs(fa[k] - fb[k]).max() <= rtol * mx.maximum(mx.abs(fb[k]).max(), 1e-6)).item() for k in fa)
 
 
 def test_gradient_accumulation_equals_one_big_batch():

@@ -17,7 +17,9 @@ from .lora import CONFIG_HELP, DATA_HELP, TOKENIZER_HELP, explicit_options, summ
 def finetune(
     ctx: typer.Context,
     settings: dict[str, Any],
-    model: Annotated[str | None, typer.Option(help="Float model folder or Hub repo (for a quantized one: lora).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Float model folder or Hub repo (for a quantized one: lora).")
+    ] = None,
     tokenizer: Annotated[str | None, typer.Option(help=TOKENIZER_HELP)] = None,
     data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
     out: Annotated[

@@ -36,7 +36,10 @@ def pretrain(
     out: Annotated[Path, typer.Option("-o", "--out", help="Run folder: log.jsonl, checkpoints/, and the final model.")],
     settings: dict[str, Any],
     tokenizer: Annotated[
-        Path | None, typer.Option(help="SentencePiece tokenizer.model (see train-tokenizer); default with --init-from: the model's.")
+        Path | None,
+        typer.Option(
+            help="SentencePiece tokenizer.model (see train-tokenizer); default with --init-from: the model's."
+        ),
     ] = None,
     arch: Annotated[str | None, typer.Option(help="A released size, e.g. OpenELM-270M.")] = None,
     arch_config: Annotated[Path | None, typer.Option(help="JSON/YAML with CoreNet GPTConfig fields.")] = None,

@@ -33,7 +33,9 @@ class FinetuneConfig(ExampleSettings):
     train_norms: bool = settings_field(True, "Train the RMSNorm weights (of the trained layers, and the final one).")
 
 
-def make_config(values: dict[str, Any], explicit: set[str] | None = None, config_file: Path | None = None) -> FinetuneConfig:
+def make_config(
+    values: dict[str, Any], explicit: set[str] | None = None, config_file: Path | None = None
+) -> FinetuneConfig:
     """A `FinetuneConfig` from `values`, under the YAML file's settings, under the `explicit` ones."""
     from_file = read_config_file(FinetuneConfig, config_file) if config_file is not None else {}
     return merge_settings(FinetuneConfig, values, explicit, from_file)
@@ -70,7 +72,9 @@ def read_base(path: str) -> OpenELMConfig | None:
     return config
 
 
-def finetune(config: FinetuneConfig, progress: bool = False, model: Any = None, tokenizer: Any = None) -> dict[str, float]:
+def finetune(
+    config: FinetuneConfig, progress: bool = False, model: Any = None, tokenizer: Any = None
+) -> dict[str, float]:
     """Train `config.model`'s weights on `config.data`; the model folder is written in `config.out` (rank 0).
 
     `model`/`tokenizer` default to loading `config.model` in float32. Returns the final metrics.

@@ -52,9 +52,7 @@ class OptimizerConfig:
     @classmethod
     def from_settings(cls, settings: RunSettings, steps: int) -> OptimizerConfig:
         """The optimizer of a run's settings, over `steps` steps."""
-        return cls(
-            settings.lr, steps, settings.warmup, settings.min_lr, settings.weight_decay, name=settings.optimizer
-        )
+        return cls(settings.lr, steps, settings.warmup, settings.min_lr, settings.weight_decay, name=settings.optimizer)
 
 
 def make_schedule(cfg: OptimizerConfig) -> Callable[[mx.array], mx.array]:
@@ -379,7 +377,7 @@ class Trainer:
         for batch in micro_batches:
             loss, n_tokens, g = self._micro(*batch)
             n = n_tokens.astype(mx.float32)
-            g = tree_map(lambda x: x * n, g)
+            g = tree_map(lambda x, weight=n: x * weight, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total = total + loss * n
             tokens = tokens + n

@@ -12,8 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import OptionError, check_range, settings_field
-from .adapters import DEFAULT_TARGETS, FORMAT_VERSION, TARGETS
-from .adapters import fuse_model, load_adapters  # noqa: F401  (their import path before adapters.py)
+from .adapters import DEFAULT_TARGETS, FORMAT_VERSION, TARGETS, fuse_model, load_adapters  # noqa: F401  (their import path before adapters.py)
 from .settings import ExampleSettings, merge_settings, read_config_file
 from .trainable import AdapterWeights
 from .tune import check_paths, prepare_folder, train_on_examples
@@ -96,7 +95,9 @@ def adapter_weights(config: LoraConfig, model: nn.Module) -> AdapterWeights:
     )
 
 
-def train_lora(config: LoraConfig, progress: bool = False, model: Any = None, tokenizer: Any = None) -> dict[str, float]:
+def train_lora(
+    config: LoraConfig, progress: bool = False, model: Any = None, tokenizer: Any = None
+) -> dict[str, float]:
     """Train adapters on `config.data` and save them in `config.out` (rank 0 writes).
 
     `model`/`tokenizer` default to loading `config.model`. Returns the final metrics (step, loss,

@@ -177,7 +177,8 @@ def check_memory(plan: MemoryPlan, force: bool = False, limit: int | None = None
     line = f"memory plan: {plan.describe()} of {limit / GB:.1f} GB"
     if plan.total > limit and not force:
         raise OptionError(
-            "force", f"the run needs about {plan.total / GB:.1f} GB, more than this machine's {limit / GB:.1f} GB "
-            f"({plan.describe()}): {cheapest_fix(plan, limit, lora_hint)}; or --force to try anyway"
+            "force",
+            f"the run needs about {plan.total / GB:.1f} GB, more than this machine's {limit / GB:.1f} GB "
+            f"({plan.describe()}): {cheapest_fix(plan, limit, lora_hint)}; or --force to try anyway",
         )
     return line

@@ -72,7 +72,9 @@ class RunSettings:
         if self.optimizer not in OPTIMIZERS:
             raise OptionError("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.dtype not in DTYPES:
-            raise OptionError("dtype", f"must be float32 or bfloat16 (float16 overflows in training), got {self.dtype!r}")
+            raise OptionError(
+                "dtype", f"must be float32 or bfloat16 (float16 overflows in training), got {self.dtype!r}"
+            )
         if self.resume and self.overwrite:
             raise OptionError("resume", "and overwrite cannot both be given")
 

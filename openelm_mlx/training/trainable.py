@@ -83,7 +83,9 @@ class AdapterWeights:
             raise OptionError("resume", f"{folder} was made with other adapter settings ({saved['lora_parameters']})")
 
     def checkpoint_files(self, record: dict[str, Any]) -> dict[str, str]:
-        return {ADAPTER_CONFIG_FILE: json.dumps(record["adapter_config"], indent=2)}  # a checkpoint is an adapter folder
+        return {
+            ADAPTER_CONFIG_FILE: json.dumps(record["adapter_config"], indent=2)
+        }  # a checkpoint is an adapter folder
 
     def writes(self, out: Path, tokenizer_file: str | Path | None) -> tuple[str, ...]:
         return (ADAPTERS_FILE, ADAPTER_CONFIG_FILE)

@@ -19,8 +19,16 @@ from ..errors import OptionError
 from ..folders.io import parse_dtype
 from ..model.loss import lm_loss
 from .data import FinetuneData, load_split
-from .loop import Batch, OptimizerConfig, Trainer, enable_grad_checkpoint, make_optimizer, micro_batches
-from .loop import prepare_run_folder, run_training
+from .loop import (
+    Batch,
+    OptimizerConfig,
+    Trainer,
+    enable_grad_checkpoint,
+    make_optimizer,
+    micro_batches,
+    prepare_run_folder,
+    run_training,
+)
 from .memory import check_memory, plan_memory
 from .settings import ExampleSettings
 from .trainable import TRAIN_CONFIG_FILE, Trainable
@@ -182,9 +190,13 @@ def prepare_folder(settings: ExampleSettings, trainable: Trainable) -> Path | No
     )
 
 
-def _train_batches(settings: ExampleSettings, train: FinetuneData, rank: int, world: int) -> Callable[[int], list[Batch]]:
+def _train_batches(
+    settings: ExampleSettings, train: FinetuneData, rank: int, world: int
+) -> Callable[[int], list[Batch]]:
     """`step -> micro-batches`, seeding the dropout masks by (seed, step) too, so a resumed run is exact."""
-    fetch = micro_batches(lambda i: train.batch(i, settings.seed, settings.batch_size, rank, world), settings.grad_accum)
+    fetch = micro_batches(
+        lambda i: train.batch(i, settings.seed, settings.batch_size, rank, world), settings.grad_accum
+    )
 
     def batches(step: int) -> list[Batch]:
         mx.random.seed(settings.seed * 1_000_003 + step + 1)
