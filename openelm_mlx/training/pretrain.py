@@ -149,7 +149,7 @@ class PretrainConfig(RunSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("seq_len", self.seq_len, 2, integer=True)
+        check_range("seq_len", self.seq_len, 1, integer=True)
         check_range("z_loss", self.z_loss, 0, 1)
         check_range("val_fraction", self.val_fraction, 0, 0.5)
         if not self.tokenizer and not self.init_from:
