@@ -260,6 +260,7 @@ def test_each_training_command_runs_with_its_defaults_on_a_64_token_model(small_
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (name, result.output)
     assert "--seq-len 64" in result.output  # pretraining's default 512 shrank, with a note
+    assert json.loads((tmp_path / "p" / "train_config.json").read_text())["seq_len"] == 64
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -243,7 +243,13 @@ def pretrain(config: OpenELMConfig | None, run: PretrainConfig, progress: bool =
         progress=progress,
     )
     if rank == 0:
-        weights.save(model, out, tokenizer, record, {"train_config.json": json.dumps(asdict(run), indent=2)})
+        weights.save(
+            model,
+            out,
+            tokenizer,
+            record,
+            {"train_config.json": json.dumps(asdict(replace(run, seq_len=seq_len)), indent=2)},
+        )
     return metrics
 
 
