@@ -23,11 +23,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from openelm_mlx.model.config import OpenELMConfig
-from openelm_mlx.training.lora import add_adapters, TARGETS
+from openelm_mlx.training.adapters import add_adapters, TARGETS
 from openelm_mlx.model.decoder import Model
 from openelm_mlx.training.pretrain import init_weights
 from openelm_mlx.quant.recipes import quantize_model
-from openelm_mlx.training.loop import OptimizerConfig, Trainer, lm_loss, make_optimizer
+from openelm_mlx.model.loss import lm_loss
+from openelm_mlx.training.loop import OptimizerConfig, Trainer, make_optimizer
 impl, kind, bits, B, L, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), *map(int, sys.argv[4:7])
 config = OpenELMConfig.from_preset("OpenELM-270M")
 ours = Model(config)

@@ -21,7 +21,8 @@ import mlx.core as mx
 from openelm_mlx.model.config import OpenELMConfig
 from openelm_mlx.model.decoder import Model
 from openelm_mlx.training.pretrain import init_weights
-from openelm_mlx.training.loop import OptimizerConfig, Trainer, enable_grad_checkpoint, lm_loss, make_optimizer
+from openelm_mlx.model.loss import lm_loss
+from openelm_mlx.training.loop import OptimizerConfig, Trainer, enable_grad_checkpoint, make_optimizer
 dtype, ckpt, B, L, steps = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 model = Model(OpenELMConfig.from_preset("OpenELM-270M"))
 init_weights(model, 0)

@@ -2,7 +2,7 @@
 
     python examples/lora.py [OUT_DIR]
 
-The same run from the shell: openelm-mlx lora --model DEMO --data DATA --adapter-path OUT --iters 30 ...
+The same run from the shell: openelm-mlx lora --model DEMO --data DATA -o OUT --steps 30 ...
 """
 
 import json
@@ -13,7 +13,8 @@ from pathlib import Path
 from openelm_mlx import load
 from openelm_mlx.demo import DEMO_DIR
 from openelm_mlx.generation.generate import generate
-from openelm_mlx.training.lora import LoraConfig, finetune, fuse_model, load_adapters
+from openelm_mlx.training.adapters import fuse_model, load_adapters
+from openelm_mlx.training.lora import LoraConfig, train_lora
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
 prompt = "ROMEO: what is the password?\nJULIET:"
@@ -28,17 +29,17 @@ print("before:", generate(model, tokenizer, prompt, max_tokens=14, temp=0.0).str
 settings = LoraConfig(
     model=str(DEMO_DIR),
     data=str(out / "data"),
-    adapter_path=str(out / "adapters"),
+    out=str(out / "adapters"),
     rank=8,
     alpha=16,  # the update is scaled by alpha / rank = 2
-    iters=25,
+    steps=25,
     lr=1e-2,
     batch_size=4,
     mask_prompt=True,  # learn the answers, not the questions
     val_every=25,
     overwrite=True,
 )
-metrics = finetune(settings, progress=False)
+metrics = train_lora(settings, progress=False)
 print(f"step {metrics['step']}: train loss {metrics['loss']:.3f}, validation loss {metrics['val_loss']:.3f}")
 
 model, tokenizer = load(DEMO_DIR)

@@ -47,7 +47,7 @@ run = PretrainConfig(
     seq_len=64,
     lr=5e-3,
     warmup=5,
-    eval_every=20,
+    val_every=20,
     save_every=20,
 )
 metrics = pretrain(config, run, progress=False)

@@ -77,6 +77,7 @@ def check_range(
         raise OptionError(option, f"must be <= {high}, got {value}")
 
 
-def settings_field(default: Any, help: str) -> Any:
-    """A settings-dataclass field with `help`: the CLI turns it into an option with this default."""
-    return field(default=default, metadata={"help": help})
+def settings_field(default: Any, help: str, aliases: tuple[str, ...] = ()) -> Any:
+    """A settings-dataclass field with `help`: the CLI turns it into an option with this default
+    (also spelled as each of `aliases`, e.g. "--iters")."""
+    return field(default=default, metadata={"help": help, "aliases": aliases})

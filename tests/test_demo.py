@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from openelm_mlx import load
 from openelm_mlx.cli import app
 from openelm_mlx.demo import DEMO_DIR
-from openelm_mlx.training.loop import lm_loss
+from openelm_mlx.model.loss import lm_loss
 
 
 def test_demo_is_small_and_layer_wise_scaled():

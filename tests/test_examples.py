@@ -56,6 +56,11 @@ def test_lora_example():
     assert "moon" in out.lower() or "adapter" in out.lower()
 
 
+def test_finetune_example():
+    out = _run(str(EXAMPLES / "finetune.py"))
+    assert "tuned:     the moon is made of cheese" in out and "held-out loss" in out
+
+
 def test_serve_example():
     assert "assistant:" in _run(str(EXAMPLES / "serve.py"))
 

@@ -416,7 +416,7 @@ def test_hf_only_options_are_refused_for_a_gguf(demo_f32, tmp_path):
 
 
 def test_fuse_writes_the_fused_model_as_gguf(tmp_path):
-    from openelm_mlx.training.lora import LoraConfig, finetune
+    from openelm_mlx.training.lora import LoraConfig, train_lora
 
     data = tmp_path / "data"
     data.mkdir()
@@ -427,14 +427,14 @@ def test_fuse_writes_the_fused_model_as_gguf(tmp_path):
     cfg = LoraConfig(
         model=str(DEMO_DIR),
         data=str(data),
-        adapter_path=str(tmp_path / "a"),
-        iters=2,
+        out=str(tmp_path / "a"),
+        steps=2,
         batch_size=2,
         val_every=0,
         save_every=0,
         lr=1e-2,
     )
-    finetune(cfg, progress=False, model=model, tokenizer=tok)
+    train_lora(cfg, progress=False, model=model, tokenizer=tok)
     out = tmp_path / "fused.gguf"
     args = ["fuse", "--model", str(DEMO_DIR), "--adapter-path", str(tmp_path / "a"), "-o", str(tmp_path / "m")]
     bad = runner.invoke(app, [*args, "--export-gguf", str(out), "--gguf-outtype", "q5"])

@@ -17,17 +17,13 @@ from openelm_mlx.demo import DEMO_DIR
 from openelm_mlx.errors import CheckpointError, OptionError
 from openelm_mlx.folders.io import load, load_model, save
 from openelm_mlx.generation.generate import generate
+from openelm_mlx.model.loss import lm_loss
 from openelm_mlx.quant.recipes import quantize_model
+from openelm_mlx.training.adapters import ADAPTERS_FILE, fuse_model, load_adapters
 from openelm_mlx.training.data import DataError, FinetuneData, load_split
-from openelm_mlx.training.loop import lm_loss
-from openelm_mlx.training.lora import (
-    LoraConfig,
-    finetune,
-    fuse_model,
-    load_adapters,
-    make_config,
-    prepare_adapter_folder,
-)
+from openelm_mlx.training.lora import LoraConfig, make_config, train_lora
+from openelm_mlx.training.trainable import AdapterWeights
+from openelm_mlx.training.tune import prepare_folder
 
 PROMPT = "ROMEO: what is the password?\nJULIET:"
 ANSWER = "the moon is made of cheese."
@@ -49,9 +45,9 @@ def task(tmp_path_factory) -> Path:
 
 def _run(task: Path, out: Path, model_dir: Path = DEMO_DIR, **kw) -> tuple[dict, object, object]:
     model, tok = load(model_dir)
-    settings = dict(iters=20, lr=1e-2, batch_size=4, val_every=10, save_every=0, mask_prompt=True, seed=1)
-    cfg = LoraConfig(model=str(model_dir), data=str(task), adapter_path=str(out), **{**settings, **kw})
-    return finetune(cfg, progress=False, model=model, tokenizer=tok), model, tok
+    settings = dict(steps=20, lr=1e-2, batch_size=4, val_every=10, save_every=0, mask_prompt=True, seed=1)
+    cfg = LoraConfig(model=str(model_dir), data=str(task), out=str(out), **{**settings, **kw})
+    return train_lora(cfg, progress=False, model=model, tokenizer=tok), model, tok
 
 
 def _losses(out: Path) -> list[float]:
@@ -148,11 +144,11 @@ def test_dora_learns_the_task_and_fuses(task, tmp_path):
 
 def test_resume_gives_the_same_losses_and_adapters_as_an_uninterrupted_run(task, tmp_path):
     out = tmp_path / "run"
-    _run(task, out, iters=6, save_every=3, val_every=2, dropout=0.1, lr=3e-3, grad_accum=2, batch_size=3)
+    _run(task, out, steps=6, save_every=3, val_every=2, dropout=0.1, lr=3e-3, grad_accum=2, batch_size=3)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     adapters = mx.load(str(out / "adapters.safetensors"))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
-    _run(task, out, iters=6, save_every=3, val_every=2, dropout=0.1, lr=3e-3, grad_accum=2, batch_size=3, resume=True)
+    _run(task, out, steps=6, save_every=3, val_every=2, dropout=0.1, lr=3e-3, grad_accum=2, batch_size=3, resume=True)
     again = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(log, again):
@@ -163,7 +159,7 @@ def test_resume_gives_the_same_losses_and_adapters_as_an_uninterrupted_run(task,
 
 def test_checkpoints_keep_the_newest_and_a_hand_edited_state_is_named(task, tmp_path):
     out = tmp_path / "run"
-    _run(task, out, iters=4, save_every=1, keep_checkpoints=1, val_every=0)
+    _run(task, out, steps=4, save_every=1, keep_checkpoints=1, val_every=0)
     ckpt = out / "checkpoints" / "step_00000003"
     assert [p.name for p in (out / "checkpoints").iterdir()] == [ckpt.name]
     load_adapters(load_model(DEMO_DIR), ckpt)  # a checkpoint is also an adapter folder
@@ -171,7 +167,7 @@ def test_checkpoints_keep_the_newest_and_a_hand_edited_state_is_named(task, tmp_
     del saved["adapter_config"]["lora_parameters"]
     (ckpt / "state.json").write_text(json.dumps(saved))
     with pytest.raises(CheckpointError, match=re.escape(str(ckpt / "state.json"))):
-        _run(task, out, iters=4, resume=True)
+        _run(task, out, steps=4, resume=True)
 
 
 def test_a_used_adapter_path_is_refused_unless_resume_or_overwrite(task, tmp_path):
@@ -179,18 +175,18 @@ def test_a_used_adapter_path_is_refused_unless_resume_or_overwrite(task, tmp_pat
     out.mkdir()
     (out / "adapters.safetensors").write_bytes(b"x")  # someone's own adapters (e.g. from mlx-lm): never replaced
     (out / "notes.txt").write_text("mine")
-    cfg = dict(model=str(DEMO_DIR), data=str(task), adapter_path=str(out))
+    cfg = dict(model=str(DEMO_DIR), data=str(task), out=str(out))
     for extra in ({}, {"overwrite": True}):
         with pytest.raises(CheckpointError, match="adapters.safetensors, which openelm-mlx did not write"):
-            prepare_adapter_folder(out, LoraConfig(**cfg, **extra))
+            prepare_folder(LoraConfig(**cfg, **extra), AdapterWeights(0, {}))
     (out / "adapters.safetensors").unlink()
-    _run(task, out, iters=2, save_every=0)  # an earlier run of ours
+    _run(task, out, steps=2, save_every=0)  # an earlier run of ours
     with pytest.raises(OptionError, match="holds an earlier run") as e:
-        prepare_adapter_folder(out, LoraConfig(**cfg))
-    assert e.value.option == "adapter_path"
+        prepare_folder(LoraConfig(**cfg), AdapterWeights(0, {}))
+    assert e.value.option == "out"
     with pytest.raises(OptionError, match="no checkpoint"):
-        prepare_adapter_folder(out, LoraConfig(**cfg, resume=True))
-    assert prepare_adapter_folder(out, LoraConfig(**cfg, overwrite=True)) is None
+        prepare_folder(LoraConfig(**cfg, resume=True), AdapterWeights(0, {}))
+    assert prepare_folder(LoraConfig(**cfg, overwrite=True), AdapterWeights(0, {})) is None
     assert "notes.txt" in {p.name for p in out.iterdir()} and not (out / "log.jsonl").exists()
 
 
@@ -293,7 +289,7 @@ def test_bad_data_names_the_file_and_line(tmp_path, content, message):
         (dict(dropout=1.5), "dropout"),
         (dict(targets="qkv_proj,lm_head"), "targets"),
         (dict(num_layers="three"), "num_layers"),
-        (dict(iters=5, epochs=1.0), "iters"),
+        (dict(steps=5, epochs=1.0), "steps"),
         (dict(lr=0.0), "lr"),
         (dict(resume=True, overwrite=True), "resume"),
         (dict(targets=5), "targets"),
@@ -312,7 +308,7 @@ def test_settings_come_from_defaults_recipe_file_then_explicit_options(tmp_path)
     (tmp_path / "c.yaml").write_text("recipe: paper\nrank: 4\nmax-seq-len: 64\ntargets: [qkv_proj]\n")
     values = {"rank": 8, "lr": 1e-4, "iters": 7, "epochs": None}
     cfg = make_config(values, explicit={"iters"}, config_file=tmp_path / "c.yaml")
-    assert (cfg.rank, cfg.lr, cfg.max_seq_len, cfg.targets, cfg.iters, cfg.epochs) == (4, 3e-4, 64, "qkv_proj", 7, None)
+    assert (cfg.rank, cfg.lr, cfg.max_seq_len, cfg.targets, cfg.steps, cfg.epochs) == (4, 3e-4, 64, "qkv_proj", 7, None)
     assert cfg.scale == 32 / 4 and cfg.dropout == 0.1
     (tmp_path / "bad.yaml").write_text("rnak: 4\n")
     with pytest.raises(OptionError, match="unknown setting 'rnak'"):
@@ -344,7 +340,7 @@ def test_cli_trains_tests_and_fuses(task, tmp_path):
     assert result.exit_code == 0, result.output
     assert "test loss" in result.output and (tmp_path / "a" / "adapters.safetensors").is_file()
     again = runner.invoke(app, args)
-    assert again.exit_code == 1 and "--adapter-path" in again.output and "holds an earlier run" in again.output
+    assert again.exit_code == 1 and "--out" in again.output and "holds an earlier run" in again.output
     fused = runner.invoke(
         app, ["fuse", "--model", str(DEMO_DIR), "--adapter-path", str(tmp_path / "a"), "-o", str(tmp_path / "m")]
     )
@@ -371,7 +367,7 @@ def test_two_processes_train_the_same_adapters_as_one(task, tmp_path):
     import subprocess
     import sys
 
-    _run(task, tmp_path / "one", iters=6, batch_size=4, val_every=0)
+    _run(task, tmp_path / "one", steps=6, batch_size=4, val_every=0)
     launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable)) or shutil.which("mlx.launch")
     cli = str(Path(sys.executable).parent / "openelm-mlx")
     args = ["lora", "--model", str(DEMO_DIR), "--data", str(task), "--adapter-path", str(tmp_path / "two")]
@@ -382,6 +378,18 @@ def test_two_processes_train_the_same_adapters_as_one(task, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(two) == 6 and max(abs(a - b) for a, b in zip(one, two)) < 1e-3
-    a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
-    b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
-    assert a.keys() == b.keys() and all(mx.allclose(a[k], b[k], atol=1e-4).item() for k in a)
+    assert_same_adapters(tmp_path / "one", tmp_path / "two", task)
+
+
+def assert_same_adapters(one: Path, two: Path, task: Path) -> None:
+    """Adapters trained by Adam in two runs whose sums ran in another order (other processes, another BLAS):
+    a near-zero gradient's sign may flip, which moves that weight by about lr, so a weight-by-weight
+    tolerance is not robust. What is: the bulk of the weights agree, and both give the same loss."""
+    a, b = mx.load(str(one / ADAPTERS_FILE)), mx.load(str(two / ADAPTERS_FILE))
+    assert a.keys() == b.keys()
+    far = sum((mx.abs(a[k] - b[k]) > 1e-3).sum().item() for k in a)
+    assert far <= 0.01 * sum(v.size for v in a.values())
+    model, tok = load(DEMO_DIR)
+    batch = tuple(map(mx.array, load_split(task / "valid.jsonl", tok, 64, True).eval_batches(4)[0]))
+    losses = [lm_loss(load_adapters(load_model(DEMO_DIR), folder), *batch)[0].item() for folder in (one, two)]
+    assert abs(losses[0] - losses[1]) < 1e-3 * max(1.0, abs(losses[0])), losses

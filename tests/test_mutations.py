@@ -10,7 +10,8 @@ from reference import reference_logits, rel_error
 
 from openelm_mlx.model import decoder as model_module
 from openelm_mlx.model.config import OpenELMConfig
-from openelm_mlx.training.loop import OptimizerConfig, Trainer, enable_grad_checkpoint, lm_loss, make_optimizer
+from openelm_mlx.model.loss import lm_loss
+from openelm_mlx.training.loop import OptimizerConfig, Trainer, enable_grad_checkpoint, make_optimizer
 
 TOKENS = [1, 17, 200, 5, 9, 100, 42, 7, 3, 0, 255, 31, 64]
 PARITY_BOUND = 1e-4  # test_model.py's bound

@@ -52,7 +52,7 @@ def _run(corpus, out, **kw) -> PretrainConfig:
         seq_len=32,
         lr=1e-2,
         warmup=2,
-        eval_every=6,
+        val_every=6,
         save_every=0,
         val_fraction=0.1,
         seed=3,

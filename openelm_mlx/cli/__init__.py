@@ -1,6 +1,6 @@
 """The `openelm-mlx` command: one typer app, one module of thin commands per area."""
 
-from . import bench, convert, evaluate, generate, lora, pretrain, quantize, serve  # noqa: F401  (each module registers its commands)
+from . import bench, convert, evaluate, finetune, generate, lora, pretrain, quantize, serve  # noqa: F401  (each module registers its commands)
 from ._app import app
 
 

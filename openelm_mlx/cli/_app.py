@@ -118,6 +118,12 @@ def _option_type(hint: Any) -> Any:
     return hint
 
 
+def _spellings(f: dataclasses.Field) -> tuple[str, ...]:
+    """A field's option names when it has aliases (none: typer derives the name, and --no-X for a flag)."""
+    aliases = f.metadata.get("aliases", ())
+    return (flag(f.name), *aliases) if aliases else ()
+
+
 def settings_options(cls: type, defaults: dict[str, Any] | None = None, only: tuple[str, ...] | None = None):
     """Decorator: add one CLI option per field of dataclass `cls` that has `metadata["help"]`.
 
@@ -144,7 +150,7 @@ def settings_options(cls: type, defaults: dict[str, Any] | None = None, only: tu
                     f.name,
                     inspect.Parameter.KEYWORD_ONLY,
                     default=default,
-                    annotation=Annotated[hint, typer.Option(help=f.metadata["help"])],
+                    annotation=Annotated[hint, typer.Option(*_spellings(f), help=f.metadata["help"])],
                 )
             )
         names = [f.name for f in fields]

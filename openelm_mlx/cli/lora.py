@@ -17,10 +17,25 @@ RECIPE_HELP = "'paper': the OpenELM paper's PEFT settings: " + ", ".join(
 )
 
 
-def _explicit(ctx: typer.Context, names: list[str]) -> set[str]:
+def explicit_options(ctx: typer.Context, names: list[str]) -> set[str]:
     """The options the user typed (not left at their defaults)."""
     sources = {n: ctx.get_parameter_source(n) for n in names}
     return {n for n, source in sources.items() if source is not None and source.name != "DEFAULT"}
+
+
+DATA_HELP = 'Folder with train.jsonl (and valid/test.jsonl): {"text"}, {"prompt","completion"} or {"messages"}.'
+TOKENIZER_HELP = "tokenizer.model, a folder or Hub repo (default: the model's)."
+CONFIG_HELP = "YAML with the same keys as these options; options typed here win."
+
+
+def summary(metrics: dict[str, float]) -> str:
+    """The last line of a fine-tuning run: its losses."""
+    line = f"step {metrics['step']}: loss {metrics['loss']:.4f}"
+    if "val_loss" in metrics:
+        line += f", validation loss {metrics['val_loss']:.4f}"
+    if "test_loss" in metrics:
+        line += f", test loss {metrics['test_loss']:.4f} (perplexity {metrics['test_perplexity']:.2f})"
+    return line
 
 
 @app.command()
@@ -32,40 +47,32 @@ def lora(
         str | None,
         typer.Option(help="Model folder or Hub repo; a quantized model trains QLoRA (default: the bundled demo)."),
     ] = None,
-    tokenizer: Annotated[
-        str | None, typer.Option(help="tokenizer.model, a folder or Hub repo (default: the model's).")
-    ] = None,
-    data: Annotated[
+    tokenizer: Annotated[str | None, typer.Option(help=TOKENIZER_HELP)] = None,
+    data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
+    out: Annotated[
         Path | None,
         typer.Option(
-            help='Folder with train.jsonl (and valid/test.jsonl): {"text"}, {"prompt","completion"} or {"messages"}.'
+            "-o",
+            "--out",
+            "--adapter-path",
+            help="Output folder: adapters.safetensors, adapter_config.json, log, checkpoints.",
         ),
     ] = None,
-    adapter_path: Annotated[
-        Path | None, typer.Option(help="Output folder: adapters.safetensors, adapter_config.json, log, checkpoints.")
-    ] = None,
     recipe: Annotated[str | None, typer.Option(help=RECIPE_HELP)] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="YAML with the same keys as these options; options typed here win.")
-    ] = None,
+    config: Annotated[Path | None, typer.Option(help=CONFIG_HELP)] = None,
 ) -> None:
     """Fine-tune adapters on a frozen model (LoRA, DoRA, or QLoRA on a quantized model); run with `mlx.launch`
     for several processes. The update is scaled by alpha / rank."""
-    from ..training.lora import finetune, make_config
+    from ..training.lora import make_config, train_lora
 
     with user_errors(tokenizer_option=True):
-        paths = {"model": model, "tokenizer": tokenizer, "data": data, "adapter_path": adapter_path}
+        paths = {"model": model, "tokenizer": tokenizer, "data": data, "out": out}
         given = {k: str(v) for k, v in paths.items() if v is not None}
-        cfg = make_config({**settings, **given}, _explicit(ctx, list(settings)) | set(given), recipe, config)
+        cfg = make_config({**settings, **given}, explicit_options(ctx, list(settings)) | set(given), recipe, config)
         if not cfg.model:  # neither typed nor in --config
             cfg = dataclasses.replace(cfg, model=model_or_demo(None))
-        metrics = finetune(cfg, progress=True)
-        summary = f"step {metrics['step']}: loss {metrics['loss']:.4f}"
-        if "val_loss" in metrics:
-            summary += f", validation loss {metrics['val_loss']:.4f}"
-        if "test_loss" in metrics:
-            summary += f", test loss {metrics['test_loss']:.4f} (perplexity {metrics['test_perplexity']:.2f})"
-        typer.echo(f"{summary}; adapters saved in {cfg.adapter_path}", err=True)
+        metrics = train_lora(cfg, progress=True)
+        typer.echo(f"{summary(metrics)}; adapters saved in {cfg.out}", err=True)
 
 
 @app.command()

@@ -33,22 +33,39 @@ def train_tokenizer_cmd(
 @settings_options(PretrainConfig)
 def pretrain(
     data: Annotated[list[Path], typer.Option(help="Text files, folders, or JSONL with a 'text' field.")],
-    tokenizer: Annotated[Path, typer.Option(help="SentencePiece tokenizer.model (see train-tokenizer).")],
-    out: Annotated[Path, typer.Option(help="Run folder: log.jsonl, checkpoints/, and the final model.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run folder: log.jsonl, checkpoints/, and the final model.")],
     settings: dict[str, Any],
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="SentencePiece tokenizer.model (see train-tokenizer); default with --init-from: the model's."
+        ),
+    ] = None,
     arch: Annotated[str | None, typer.Option(help="A released size, e.g. OpenELM-270M.")] = None,
     arch_config: Annotated[Path | None, typer.Option(help="JSON/YAML with CoreNet GPTConfig fields.")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Continue pretraining this converted model (its config and tokenizer).")
+    ] = None,
 ) -> None:
-    """Pretrain an OpenELM from scratch (CoreNet's recipe); run with `mlx.launch` for several processes."""
+    """Pretrain an OpenELM from scratch (CoreNet's recipe), or continue a model on new text with --init-from;
+    run with `mlx.launch` for several processes."""
     from ..errors import OptionError
     from ..folders.arch import resolve_arch
     from ..training.pretrain import pretrain as run_pretraining
 
     with user_errors():
-        config = resolve_arch(arch, arch_config)
-        if config is None:
-            raise OptionError("arch", "is needed: give --arch (e.g. OpenELM-270M) or --arch-config FILE")
-        run = PretrainConfig(data=[str(d) for d in data], tokenizer=str(tokenizer), out=str(out), **settings)
+        if init_from is not None and (arch or arch_config):
+            raise OptionError("arch", "and --init-from cannot both be given: a continued model keeps its own config")
+        config = None if init_from is not None else resolve_arch(arch, arch_config)
+        if config is None and init_from is None:
+            raise OptionError("arch", "is needed: give --arch (e.g. OpenELM-270M), --arch-config FILE or --init-from")
+        run = PretrainConfig(
+            data=[str(d) for d in data],
+            tokenizer=str(tokenizer or ""),
+            out=str(out),
+            init_from=None if init_from is None else str(init_from),
+            **settings,
+        )
         metrics = run_pretraining(config, run, progress=True)
         summary = f"step {metrics['step']}: loss {metrics.get('loss', float('nan')):.4f}"
         if "val_loss" in metrics:

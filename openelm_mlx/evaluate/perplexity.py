@@ -15,8 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataError, OptionError, check_range
+from ..model.loss import lm_loss
 from ..training.data import read_documents
-from ..training.loop import lm_loss
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""The training loop shared by pretraining and LoRA: the loss, batches and callbacks are passed in.
+"""The training loop shared by pretrain, lora and finetune: the loss, batches and callbacks are passed in.
 
 Float32 master weights with optional bfloat16 compute, gradient accumulation and clipping,
-data parallelism through `mx.distributed`, and atomic, exactly-resumable checkpoints.
+data parallelism through `mx.distributed`, atomic, exactly-resumable checkpoints, and a finiteness check of
+the loss after every step (a diverged run stops there, before any checkpoint of that step is written).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from ..errors import CheckpointError, OptionError, check_range
+from ..errors import CheckpointError, OptionError
 from ..folders.fs import (
     atomic_output_dir,
     check_output,
@@ -33,6 +34,7 @@ from ..folders.fs import (
     require_regular_file,
 )
 from ..folders.weights import check_tensors, load_safetensors
+from .settings import OPTIMIZERS, RunSettings
 
 Batch = tuple[mx.array, ...]
 LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (loss, n_tokens)
@@ -40,36 +42,9 @@ CHECKPOINTS = "checkpoints"
 log = logging.getLogger("openelm_mlx")
 
 
-class ScheduleSettings(Protocol):
-    """The batch and optimizer settings every training workflow has (PretrainConfig, LoraConfig)."""
-
-    batch_size: int
-    grad_accum: int
-    lr: float
-    min_lr: float | None
-    warmup: int
-    weight_decay: float
-    grad_clip: float
-
-
-def check_schedule(settings: ScheduleSettings) -> None:
-    """Range-check the batch and optimizer settings.
-
-    Raises:
-        OptionError: naming the first setting out of range.
-    """
-    for name in ("batch_size", "grad_accum"):
-        check_range(name, getattr(settings, name), 1, integer=True)
-    check_range("warmup", settings.warmup, 0, integer=True)
-    check_range("lr", settings.lr, 0, 10, low_open=True)
-    check_range("min_lr", settings.min_lr, 0, settings.lr)
-    check_range("weight_decay", settings.weight_decay, 0, 10)
-    check_range("grad_clip", settings.grad_clip, 0)
-
-
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warmup then cosine decay (CoreNet's recipe by default)."""
+    """AdamW (or Adafactor, SGD) with linear warmup then cosine decay (CoreNet's recipe by default)."""
 
     lr: float
     steps: int
@@ -79,11 +54,12 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     warmup_init_lr: float = 1e-6
+    name: str = "adamw"  # or "adafactor", "sgd" (see settings.OPTIMIZERS)
 
     @classmethod
-    def from_settings(cls, settings: ScheduleSettings, steps: int) -> OptimizerConfig:
+    def from_settings(cls, settings: RunSettings, steps: int) -> OptimizerConfig:
         """The optimizer of a run's settings, over `steps` steps."""
-        return cls(settings.lr, steps, settings.warmup, settings.min_lr, settings.weight_decay)
+        return cls(settings.lr, steps, settings.warmup, settings.min_lr, settings.weight_decay, name=settings.optimizer)
 
 
 def make_schedule(cfg: OptimizerConfig) -> Callable[[mx.array], mx.array]:
@@ -96,26 +72,23 @@ def make_schedule(cfg: OptimizerConfig) -> Callable[[mx.array], mx.array]:
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optim.Optimizer:
-    """AdamW; 1-D parameters (norms) get no weight decay."""
+    """`cfg.name` on the schedule; 1-D parameters (norms) get no weight decay.
+
+    AdamW keeps two float32 moments per weight; Adafactor (no first moment, our schedule instead of its
+    relative step) keeps a row and a column vector per matrix; SGD keeps one momentum per weight.
+    """
     schedule = make_schedule(cfg)
-    no_decay = optim.AdamW(schedule, betas=list(cfg.betas), eps=cfg.eps, weight_decay=0.0)
-    decay = optim.AdamW(schedule, betas=list(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return optim.MultiOptimizer([no_decay, decay], [lambda path, p: p.ndim <= 1])
 
+    def one(weight_decay: float) -> optim.Optimizer:
+        if cfg.name == "adafactor":
+            return optim.Adafactor(schedule, weight_decay=weight_decay, scale_parameter=False, relative_step=False)
+        if cfg.name == "sgd":
+            return optim.SGD(schedule, momentum=0.9, weight_decay=weight_decay)
+        if cfg.name == "adamw":
+            return optim.AdamW(schedule, betas=list(cfg.betas), eps=cfg.eps, weight_decay=weight_decay)
+        raise OptionError("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {cfg.name!r}")
 
-def lm_loss(
-    model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array | None = None, z_loss: float = 0.0
-) -> tuple[mx.array, mx.array]:
-    """Mean next-token cross-entropy (+ z_loss * logsumexp^2) over the (masked) targets."""
-    logits = model(inputs).astype(mx.float32)
-    lse = mx.logsumexp(logits, axis=-1)
-    loss = lse - mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    if z_loss:
-        loss = loss + z_loss * lse * lse
-    if mask is None:
-        return loss.mean(), mx.array(loss.size)
-    n = mask.sum()
-    return (loss * mask).sum() / mx.maximum(n, 1), n
+    return optim.MultiOptimizer([one(0.0), one(cfg.weight_decay)], [lambda path, p: p.ndim <= 1])
 
 
 def enable_grad_checkpoint(model: nn.Module) -> None:
@@ -132,6 +105,19 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
 
     for layer in model.layers:
         layer.__class__ = Checkpointed
+
+
+class Diverged(OptionError):
+    """The loss or gradient norm of a step is not finite (the model's weights are no longer usable)."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint: Path | None = None):
+        self.step, self.loss, self.grad_norm, self.last_checkpoint = step, loss, grad_norm, last_checkpoint
+        saved = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
+        super().__init__(
+            "lr",
+            f"training diverged at step {step} (loss {loss}, gradient norm {grad_norm}); nothing of this step was "
+            f"saved, {saved}: lower the learning rate, or resume with a lower one",
+        )
 
 
 class Callback(Protocol):
@@ -378,43 +364,58 @@ class Trainer:
     ) -> dict[str, float]:
         """Run optimizer steps `start` .. `steps - 1`, each over the micro-batches `batches(step)`.
 
+        The loss and gradient norm are checked after every step: the first that is not finite stops the run
+        before any callback sees that step (so no checkpoint of diverged weights is written).
+
         Returns:
             The last step's metrics (step, lr, loss, grad_norm, tokens_per_sec, peak_memory_gb, ...).
+
+        Raises:
+            Diverged: at the first step whose loss or gradient norm is not finite.
         """
         metrics: dict[str, float] = {"step": start}
         for step in range(start, steps):
             lr = self.learning_rate
             metrics = {"step": step + 1, "lr": lr, **self.step(batches(step))}
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                raise Diverged(step + 1, metrics["loss"], metrics["grad_norm"])
             for callback in callbacks:
                 callback.on_step_end(self, metrics)
         return metrics
 
+    def gradients(self, micro_batches: Sequence[Batch]) -> tuple[mx.array, dict, int]:
+        """(loss, gradients, real tokens) over `micro_batches` and over the processes, unapplied.
+
+        Each micro-batch counts by its real (unmasked) tokens, so the result is the mean over every token of
+        the global batch, however it is split into micro-batches and processes."""
+        total, grads, tokens = mx.array(0.0), None, mx.array(0.0)
+        for batch in micro_batches:
+            loss, n_tokens, g = self._micro(*batch)
+            n = n_tokens.astype(mx.float32)
+            g = tree_map(lambda x, weight=n: x * weight, g)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            total = total + loss * n
+            tokens = tokens + n
+            mx.eval(total, grads, tokens)
+        if self.world > 1:
+            grads = tree_map(lambda x: x * self.world, nn.average_gradients(grads, group=self.group))
+            total = mx.distributed.all_sum(total, group=self.group)
+            tokens = mx.distributed.all_sum(tokens, group=self.group)
+        scale = 1 / mx.maximum(tokens, 1)
+        return total * scale, tree_map(lambda x: x * scale, grads), int(tokens.item())
+
     def step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
         """One optimizer step over `micro_batches` (gradient accumulation); returns metrics."""
         tic = time.perf_counter()
-        total, grads, tokens = mx.array(0.0), None, mx.array(0)
-        for batch in micro_batches:
-            loss, n_tokens, g = self._micro(*batch)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            total = total + loss
-            tokens = tokens + n_tokens  # real (unmasked) tokens
-            mx.eval(total, grads, tokens)
-        tokens = int(tokens.item())
-        k = len(micro_batches)
-        if k > 1:
-            grads = tree_map(lambda g: g / k, grads)
-        loss = total / k
-        if self.world > 1:
-            grads = nn.average_gradients(grads, group=self.group)
-            loss = mx.distributed.all_sum(loss, group=self.group) / self.world
+        loss, grads, tokens = self.gradients(micro_batches)
         norm = self._apply_fn(grads)
         mx.eval(self.model.state, self.optimizer.state, loss, norm)
         seconds = time.perf_counter() - tic
         return {
             "loss": loss.item(),
             "grad_norm": norm.item(),
-            "tokens": tokens * self.world,
-            "tokens_per_sec": tokens * self.world / seconds,
+            "tokens": tokens,
+            "tokens_per_sec": tokens / seconds,
             "seconds": seconds,
             "peak_memory_gb": peak_memory_gb(),
         }
@@ -518,7 +519,9 @@ def run_training(
         The last step's metrics (see `Trainer.fit`).
 
     Raises:
-        OptionError: `steps` is not past the checkpoint's step, or the loss diverged (nothing is saved).
+        OptionError: `steps` is not past the checkpoint's step.
+        Diverged: at the first step whose loss is not finite, naming the last good checkpoint (no checkpoint
+            of that step or later is written, and the caller saves no final weights).
         CheckpointError: the checkpoint is incomplete, corrupt or does not fit.
     """
     if trainer.world > 1:  # every rank resumes from the checkpoint rank 0 chose
@@ -541,10 +544,10 @@ def run_training(
         Checkpointer(out / CHECKPOINTS, save_every, steps, keep_checkpoints, state, files, enabled=writer),
     ]
     try:
-        metrics = trainer.fit(batches, steps, start, callbacks)
+        return trainer.fit(batches, steps, start, callbacks)
+    except Diverged as e:
+        found = checkpoints(out / CHECKPOINTS)
+        raise Diverged(e.step, e.loss, e.grad_norm, found[-1] if found else None) from None
     finally:
         logger.close()
         release_folder(out)  # claimed by `prepare_run_folder`
-    if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
-        raise OptionError("lr", f"training diverged (loss {metrics['loss']}; nothing saved): lower the learning rate")
-    return metrics

@@ -1,4 +1,5 @@
-"""Pretraining an OpenELM from scratch with CoreNet's recipe, on one Mac or several (mx.distributed).
+"""Pretraining an OpenELM from scratch with CoreNet's recipe, or continuing a converted model on raw text
+(`init_from`), on one Mac or several (mx.distributed).
 
 Also trains a SentencePiece tokenizer with OpenELM's special ids.
 """
@@ -6,11 +7,13 @@ Also trains a SentencePiece tokenizer with OpenELM's special ids.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +21,22 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..errors import DataError, OptionError, check_range, settings_field
-from ..evaluate.perplexity import check_context
+from ..errors import CheckpointError, DataError, OptionError, check_range, settings_field
 from ..folders.fs import check_output_file
-from ..folders.io import parse_dtype, save
-from ..generation.tokenizer import TOKENIZER_FILE, Tokenizer
+from ..generation.tokenizer import Tokenizer
 from ..model.config import OpenELMConfig
 from ..model.decoder import Model
+from ..model.loss import lm_loss
 from .data import TokenData, data_files, read_documents, tokenize_to_file
-from .loop import (
-    CHECKPOINTS,
-    OptimizerConfig,
-    Trainer,
-    check_schedule,
-    enable_grad_checkpoint,
-    lm_loss,
-    make_optimizer,
-    micro_batches,
-    prepare_run_folder,
-    run_training,
-)
+from .loop import enable_grad_checkpoint, micro_batches, prepare_run_folder, run_training
+from .memory import check_memory, plan_memory
+from .settings import RunSettings
+from .trainable import ModelWeights
+from .tune import make_trainer
 
 MIN_VOCAB = 260  # 256 byte pieces, unk, BOS, EOS and at least one merge
+DEFAULT_SEQ_LEN = 512
+log = logging.getLogger("openelm_mlx")
 
 
 def init_weights(model: Model, seed: int) -> None:
@@ -127,69 +124,80 @@ def _train_sentencepiece(spm: Any, corpus: Path, prefix: Path, vocab_size: int, 
     )
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(RunSettings):
     """Settings of a pretraining run (CoreNet's recipe, sized down by the caller); checked when built.
 
-    Each field with help is also a `pretrain` CLI option, with this default.
+    Each field with help is also a `pretrain` CLI option, with this default. `tokenizer` may be left out with
+    `init_from` (the model's own is used).
     """
 
     data: list[str]
-    tokenizer: str
-    out: str
-    steps: int = settings_field(1000, "Optimizer steps.")
+    tokenizer: str = ""
+    init_from: str | None = None
+    steps: int = settings_field(1000, "Optimizer steps.", ("--iters",))
     batch_size: int = settings_field(8, "Sequences per micro-batch per process.")
-    seq_len: int = settings_field(512, "Tokens per sequence (at most the model's max_context_length).")
-    grad_accum: int = settings_field(1, "Micro-batches per optimizer step.")
-    lr: float = settings_field(5.3e-3, "Peak learning rate (CoreNet 270M: 5.3e-3).")
-    min_lr: float | None = settings_field(None, "Final cosine learning rate (default lr/10).")
-    warmup: int = settings_field(100, "Linear warmup steps from 1e-6.")
-    weight_decay: float = settings_field(0.1, "AdamW weight decay (not on norms).")
-    grad_clip: float = settings_field(1.0, "Gradient-norm clip (0: off).")
-    z_loss: float = settings_field(1e-4, "z-loss weight on logsumexp^2.")
-    dtype: str = settings_field("float32", "Compute dtype: float32 or bfloat16 (float32 master weights).")
-    grad_checkpoint: bool = settings_field(False, "Recompute activations to save memory.")
-    eval_every: int = settings_field(100, "Held-out loss every N steps (0: never).")
-    save_every: int = settings_field(500, "Checkpoint every N steps (0: never).")
-    keep_checkpoints: int = settings_field(2, "How many of the newest checkpoints to keep.")
-    val_fraction: float = settings_field(0.02, "Fraction of tokens held out (0: no held-out loss).")
-    seed: int = settings_field(0, "Seed for initialisation and data order.")
-    resume: bool = settings_field(False, "Continue from the latest checkpoint in the out folder.")
-    overwrite: bool = settings_field(
-        False,
-        "Start afresh in an out folder that holds an earlier run (its log and checkpoints go; the model is replaced).",
+    seq_len: int | None = settings_field(
+        None, f"Tokens per sequence (default {DEFAULT_SEQ_LEN}, or the model's max_context_length if shorter)."
     )
+    lr: float = settings_field(5.3e-3, "Peak learning rate (CoreNet 270M: 5.3e-3; lower it to continue a model).")
+    warmup: int = settings_field(100, "Linear warmup steps from 1e-6.")
+    weight_decay: float = settings_field(0.1, "Decoupled weight decay (not on norms).")
+    z_loss: float = settings_field(1e-4, "z-loss weight on logsumexp^2.")
+    save_every: int = settings_field(500, "Checkpoint every N steps (0: never).")
+    val_fraction: float = settings_field(0.02, "Fraction of tokens held out (0: no held-out loss).")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "keep_checkpoints"):
-            check_range(name, getattr(self, name), 1, integer=True)
-        check_schedule(self)
-        for name in ("eval_every", "save_every", "seed"):
-            check_range(name, getattr(self, name), 0, integer=True)
+        super().__post_init__()
+        check_range("seq_len", self.seq_len, 1, integer=True)
         check_range("z_loss", self.z_loss, 0, 1)
         check_range("val_fraction", self.val_fraction, 0, 0.5)
-        if self.dtype not in ("float32", "bfloat16"):
-            raise OptionError(
-                "dtype", f"must be float32 or bfloat16 (float16 overflows in training), got {self.dtype!r}"
-            )
-        if self.resume and self.overwrite:
-            raise OptionError("resume", "and overwrite cannot both be given")
+        if not self.tokenizer and not self.init_from:
+            raise OptionError("tokenizer", "is needed (a SentencePiece .model; see train-tokenizer) unless --init-from")
+
+    def seq_len_for(self, config: OpenELMConfig) -> int:
+        """`seq_len`, or the default shrunk to the model's context (with a note).
+
+        Raises:
+            OptionError: a `seq_len` past the model's max_context_length.
+        """
+        limit = config.max_context_length
+        if self.seq_len is not None:
+            if self.seq_len > limit:
+                raise OptionError("seq_len", f"{self.seq_len} is more than the model's max_context_length {limit}")
+            return self.seq_len
+        if limit < DEFAULT_SEQ_LEN:
+            log.info("note: --seq-len %d (the model's max_context_length; the default is %d)", limit, DEFAULT_SEQ_LEN)
+        return min(DEFAULT_SEQ_LEN, limit)
 
 
-RUN_FILES = ("log.jsonl", "train_config.json", CHECKPOINTS)
+RUN_FILES = ModelWeights.run_files
 
 
-def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = False) -> dict[str, float]:
-    """Train `config` from scratch (or resume) on `run.data`; the final model is saved in `run.out`.
+def pretrain(config: OpenELMConfig | None, run: PretrainConfig, progress: bool = False) -> dict[str, float]:
+    """Train `config` from scratch, or continue `run.init_from` (then `config` is None: the model's own),
+    on `run.data`; the final model is saved in `run.out` (or resume a run there).
 
     Returns:
         Final metrics: {"step", "loss", "val_loss"}.
+
+    Raises:
+        OptionError: a config together with init_from, a tokenizer whose vocabulary is not the model's, a
+            quantized init_from model; see also `RunSettings`, `prepare_run_folder`.
+        CheckpointError: init_from is not a model folder.
     """
-    compute_dtype = parse_dtype(run.dtype)
+    if config is not None and run.init_from:
+        raise OptionError("arch", "and --init-from cannot both be given: a continued model keeps its own config")
+    if config is None and not run.init_from:
+        raise OptionError("arch", "is needed: give --arch (e.g. OpenELM-270M), --arch-config FILE or --init-from MODEL")
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     out = Path(run.out)
+    base = _init_config(run.init_from) if run.init_from else None
+    config = base if base is not None else config
+    seq_len = run.seq_len_for(config)
     tokenizer = _load_tokenizer(config, run)
+    weights = ModelWeights(config.num_transformer_layers)
     ckpt = (
         prepare_run_folder(
             out,
@@ -198,65 +206,108 @@ def pretrain(config: OpenELMConfig, run: PretrainConfig, progress: bool = False)
             overwrite=run.overwrite,
             option="out",
             used_marks=("config.json",),
-            inputs=run.data,
-            writes=_model_files(out, run.tokenizer),
+            inputs=[*run.data, *([run.init_from] if run.init_from else [])],
+            writes=weights.writes(out, tokenizer.model_file),
         )
         if rank == 0
         else None
     )
-    data = _prepare_data(run, tokenizer, out, rank, world, group)
-    model = Model(config)
-    init_weights(model, run.seed)
+    data = _prepare_data(run, tokenizer, seq_len, out, rank, world, group)
+    model = _init_model(config, run)
     if run.grad_checkpoint:
         enable_grad_checkpoint(model)
-    trainer = Trainer(
+    log.info(check_memory(_plan(model, run, seq_len), run.force, lora_hint=False))
+    trainer = make_trainer(
+        run,
         model,
-        lambda m, x, y: lm_loss(m, x, y, z_loss=run.z_loss),
-        make_optimizer(OptimizerConfig.from_settings(run, run.steps)),
-        compute_dtype=None if compute_dtype == mx.float32 else compute_dtype,
-        grad_clip=run.grad_clip,
-        group=group if world > 1 else None,
+        run.steps,
+        group if world > 1 else None,
+        weights.weights_file,
+        loss_fn=lambda m, x, y: lm_loss(m, x, y, z_loss=run.z_loss),
         eval_loss_fn=lm_loss,
     )
+    record = weights.record(model)
     metrics = run_training(
         trainer,
-        micro_batches(lambda i: data.batch(i, run.seed, run.batch_size, run.seq_len, rank, world), run.grad_accum),
+        micro_batches(lambda i: data.batch(i, run.seed, run.batch_size, seq_len, rank, world), run.grad_accum),
         run.steps,
         out,
         ckpt,
         resume=run.resume,
-        val_batches=data.val_batches(run.batch_size, run.seq_len) if run.val_fraction > 0 else [],
-        eval_every=run.eval_every,
+        val_batches=data.val_batches(run.batch_size, seq_len) if run.val_fraction > 0 else [],
+        eval_every=run.val_every,
         save_every=run.save_every,
         keep_checkpoints=run.keep_checkpoints,
-        state={"seed": run.seed},
+        state={"seed": run.seed, **record},
+        check_state=partial(weights.check_resume, record),
         progress=progress,
     )
     if rank == 0:
-        save(model, out, tokenizer=tokenizer, config_extra={"torch_dtype": "float32"}, force=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(run), indent=2))
+        weights.save(
+            model,
+            out,
+            tokenizer,
+            record,
+            {"train_config.json": json.dumps(asdict(replace(run, seq_len=seq_len)), indent=2)},
+        )
     return metrics
 
 
+def _plan(model: Model, run: PretrainConfig, seq_len: int) -> Any:
+    return plan_memory(
+        model,
+        batch_size=run.batch_size,
+        seq_len=seq_len,
+        optimizer=run.optimizer,
+        dtype=run.dtype,
+        grad_accum=run.grad_accum,
+        grad_checkpoint=run.grad_checkpoint,
+    )
+
+
+def _init_config(path: str) -> OpenELMConfig:
+    """The config of the model to continue, read before its weights; a quantized one is refused."""
+    from .finetune import read_base
+
+    config = read_base(path)
+    if config is None:
+        raise CheckpointError(f"{path}: not a model folder (no config.json): --init-from takes a converted model")
+    return config
+
+
+def _init_model(config: OpenELMConfig, run: PretrainConfig) -> Model:
+    """CoreNet's initialisation, or the weights of `run.init_from` in float32 (the master weights)."""
+    if not run.init_from:
+        model = Model(config)
+        init_weights(model, run.seed)
+        return model
+    from ..folders.io import load_model
+
+    return load_model(run.init_from, dtype="float32")
+
+
 def _load_tokenizer(config: OpenELMConfig, run: PretrainConfig) -> Tokenizer:
-    """The run's tokenizer, once its vocabulary and `run.seq_len` are known to fit the model."""
-    check_context(config, run.seq_len)
-    tokenizer = Tokenizer(run.tokenizer)
-    if tokenizer.vocab_size > config.vocab_size:
+    """The run's tokenizer (the model's own with init_from, unless given), once it is known to fit the model:
+    no more pieces than embedding rows, and exactly as many when continuing a model."""
+    if run.init_from and not run.tokenizer:
+        from ..generation.tokenizer import find_tokenizer
+
+        tokenizer = find_tokenizer(Path(run.init_from), None, None, name=run.init_from)
+    else:
+        tokenizer = Tokenizer(run.tokenizer)
+    where = run.tokenizer or tokenizer.model_file
+    if tokenizer.vocab_size > config.vocab_size or (run.init_from and tokenizer.vocab_size != config.vocab_size):
         raise OptionError(
             "tokenizer",
-            f"{run.tokenizer} has {tokenizer.vocab_size} pieces but the model's vocab_size is {config.vocab_size}",
+            f"{where} has {tokenizer.vocab_size} pieces but the model's vocab_size is {config.vocab_size}"
+            + (": a continued model needs its own vocabulary" if run.init_from else ""),
         )
     return tokenizer
 
 
-def _model_files(out: Path, tokenizer: str) -> tuple[str, ...]:
-    """What the final save writes besides weights (the tokenizer may already be the run folder's own)."""
-    own = (out / TOKENIZER_FILE).exists() and os.path.samefile(out / TOKENIZER_FILE, tokenizer)
-    return ("config.json", "tokenizer_config.json") + (() if own else (TOKENIZER_FILE,))
-
-
-def _prepare_data(run: PretrainConfig, tokenizer: Tokenizer, out: Path, rank: int, world: int, group: Any) -> TokenData:
+def _prepare_data(
+    run: PretrainConfig, tokenizer: Tokenizer, seq_len: int, out: Path, rank: int, world: int, group: Any
+) -> TokenData:
     """Rank 0 tokenizes (once, cached); other ranks wait for it, then all map the same file."""
     args = (
         run.data,
@@ -273,4 +324,4 @@ def _prepare_data(run: PretrainConfig, tokenizer: Tokenizer, out: Path, rank: in
         mx.eval(mx.distributed.all_sum(mx.array(1), group=group))  # barrier: rank 0 has written the file
     if rank != 0:
         path = tokenize_to_file(*args)  # finds the cached file
-    return TokenData.open(path, run.val_fraction, run.seq_len)
+    return TokenData.open(path, run.val_fraction, seq_len)
