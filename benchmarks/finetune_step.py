@@ -18,7 +18,7 @@ from openelm_mlx.bench import speed as bench
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 SETUP = """
-import json, random, sys
+import dataclasses, json, random, sys
 from pathlib import Path
 import openelm_mlx  # first: loads the fast BLAS before mlx.core
 from openelm_mlx.demo import DEMO_DIR
@@ -28,7 +28,9 @@ from openelm_mlx.model.decoder import Model
 from openelm_mlx.training.pretrain import init_weights
 size, folder = sys.argv[1], Path(sys.argv[2])
 _, tok = load(DEMO_DIR)
-config = OpenELMConfig.from_preset("OpenELM-270M") if size == "270M" else OpenELMConfig.tiny(vocab_size=tok.vocab_size)
+# the 270M shapes with the demo tokenizer's vocabulary (a model may not have more rows than its tokenizer pieces)
+preset = OpenELMConfig.from_preset("OpenELM-270M") if size == "270M" else OpenELMConfig.tiny()
+config = dataclasses.replace(preset, vocab_size=tok.vocab_size)
 model = Model(config)
 init_weights(model, 0)
 save(model, folder / "model", tokenizer=tok)
