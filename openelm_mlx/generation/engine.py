@@ -18,7 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, LRUPromptCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, LRUPromptCache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from ..errors import OptionError
@@ -248,9 +248,6 @@ class Engine:
 
     # -- admission and prefill ----------------------------------------------------------------------------------
 
-    def _new_cache(self) -> list[Any]:
-        return make_prompt_cache(self.model, max_kv_size=self.max_kv_size)
-
     def _admit(self) -> None:
         room = self.max_batch - len(self.rows) - sum(len(p.rows) for p in self.prefills)
         fresh: list[Row] = []
@@ -383,14 +380,13 @@ class Engine:
 
     def _drop_finished(self) -> list[Row]:
         """Take finished rows out of the batch: write back callers' caches, remember prefixes, free their places."""
-        done = [i for i, r in enumerate(self.rows) if r.done]
-        finished: list[Row] = []  # (rows cancelled while queued are dropped by _admit)
+        done = [i for i, r in enumerate(self.rows) if r.done]  # (rows cancelled while queued: dropped by _admit)
         if not done:
-            return finished
+            return []
         for i in done:
             self._release(self.rows[i], i)
         keep = [i for i, r in enumerate(self.rows) if not r.done]
-        finished += [self.rows[i] for i in done]
+        finished = [self.rows[i] for i in done]
         if keep:
             for c in self.cache:
                 c.filter(mx.array(keep))
