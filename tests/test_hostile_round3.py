@@ -501,6 +501,7 @@ def test_every_command_that_reads_a_model_defaults_to_the_demo(adapters, tmp_pat
         ["bench", "-p", "8", "-g", "2", "--repeats", "1", "--compare", "none"],
         ["lora", "--data", data, "--adapter-path", tmp_path / "a", "--iters", "1", "--batch-size", "1"],
         ["fuse", "--adapter-path", adapters, "-o", tmp_path / "f"],
+        ["finetune", "--data", data, "-o", tmp_path / "ft", "--steps", "1", "--batch-size", "1"],
     ]
     for args in commands:
         result = run(*args)
