@@ -104,3 +104,36 @@ def test_weight_decay_spares_norms():
     trainer.step([(X[:, :-1], X[:, 1:])])  # zero gradient: only weight decay moves anything
     assert np.array_equal(np.array(model.transformer.norm.weight), norm_before)
     assert not np.allclose(np.array(model.transformer.token_embeddings.weight), emb_before)
+
+
+def test_a_step_over_two_micro_batches_moves_weights_as_one_big_batch():
+    """The fused update after accumulation: SGD's first step (no momentum yet) over 2 micro-batches equals the
+    step over their union, to a tolerance relative to each tensor's largest change."""
+    steps = []
+    for split in ([(X[:, :-1], X[:, 1:])], [(X[:2, :-1], X[:2, 1:]), (X[2:, :-1], X[2:, 1:])]):
+        model = random_model(OpenELMConfig.tiny())
+        before = dict(tree_flatten(model.trainable_parameters()))
+        before = {k: mx.array(np.array(v)) for k, v in before.items()}
+        opt = make_optimizer(OptimizerConfig(lr=1e-2, steps=50, weight_decay=0.0, name="sgd", min_lr=1e-2))
+        metrics = Trainer(model, lambda m, x, y: lm_loss(m, x, y), opt, grad_clip=1.0).step(split)
+        steps.append(({k: before[k] - v for k, v in tree_flatten(model.trainable_parameters())}, metrics))
+    (moved_one, one), (moved_two, two) = steps
+    assert one["tokens"] == two["tokens"] == X[:, 1:].size
+    assert abs(one["loss"] - two["loss"]) < 1e-5 and abs(one["grad_norm"] - two["grad_norm"]) < 1e-4 * one["grad_norm"]
+    assert _close(moved_two, moved_one, rtol=1e-3)
+
+
+def test_a_checkpoint_of_the_earlier_two_optimizer_split_resumes(tmp_path):
+    """Round-3 checkpoints saved the optimizer state as `states.0.*` (undecayed) and `states.1.*` (decayed)."""
+    model = random_model(OpenELMConfig.tiny())
+    trainer = _trainer(model)
+    trainer.fit(lambda step: [(X[:, :-1], X[:, 1:])], steps=2)
+    trainer.save_checkpoint(tmp_path / "ckpt", {"step": 2})
+    flat = dict(tree_flatten(trainer.optimizer.state))
+    split = {f"states.{int(k.endswith(('weight.m', 'weight.v')) and flat[k].ndim > 1)}.{k}": v for k, v in flat.items()}
+    split.update({f"states.0.{k}": v for k, v in flat.items() if k in ("step", "learning_rate")})
+    mx.save_safetensors(str(tmp_path / "ckpt" / "optimizer.safetensors"), split)
+    resumed = _trainer(random_model(OpenELMConfig.tiny()))
+    assert resumed.load_checkpoint(tmp_path / "ckpt")["step"] == 2
+    restored = dict(tree_flatten(resumed.optimizer.state))
+    assert restored.keys() == flat.keys() and all(mx.array_equal(restored[k], flat[k]).item() for k in flat)
