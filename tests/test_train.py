@@ -137,3 +137,21 @@ def test_a_checkpoint_of_the_earlier_two_optimizer_split_resumes(tmp_path):
     assert resumed.load_checkpoint(tmp_path / "ckpt")["step"] == 2
     restored = dict(tree_flatten(resumed.optimizer.state))
     assert restored.keys() == flat.keys() and all(mx.array_equal(restored[k], flat[k]).item() for k in flat)
+
+
+def test_row_major_weight_gradients_equal_mlx_autograd_and_leave_the_model_as_it_was():
+    """The training step's own Linear/tied-head VJP (gradients laid out like their weights) gives MLX's gradients."""
+    import mlx.nn as nn
+
+    from openelm_mlx.training.loop import row_major_weight_gradients
+
+    model = random_model(OpenELMConfig.tiny())  # tied embedding: its gradient is the head's plus the lookup's
+    model.layers[0].ffn.proj_2 = nn.Linear(*reversed(model.layers[0].ffn.proj_2.weight.shape), bias=True)
+    mx.eval(model.parameters())
+    batch = (X[:, :-1], X[:, 1:])
+    loss, grads, _ = _trainer(model).gradients([batch])
+    _, expected = nn.value_and_grad(model, lambda m, x, y: lm_loss(m, x, y)[0])(model, *batch)
+    assert _close(grads, expected, rtol=1e-5)
+    with row_major_weight_gradients(model):
+        assert type(model.layers[0].ffn.proj_1).__name__ == "_Linear"
+    assert type(model.layers[0].ffn.proj_1) is nn.Linear and type(model.transformer.token_embeddings) is nn.Embedding

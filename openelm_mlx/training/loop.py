@@ -14,7 +14,8 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -135,6 +136,49 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
 
     for layer in model.layers:
         layer.__class__ = Checkpointed
+
+
+@mx.custom_function
+def _linear(x: mx.array, weight: mx.array) -> mx.array:
+    return x @ weight.T
+
+
+@_linear.vjp
+def _linear_vjp(primals: list[mx.array], cotangent: mx.array, output: mx.array) -> tuple[mx.array, mx.array]:
+    """The weight's gradient made by one matmul in the weight's own row-major layout. MLX's default VJP gives it
+    transposed, and elementwise kernels on mixed layouts run a slow strided path: AdamW's update of 230M weights
+    took 3.0 s that way, 0.76 s this way (measured on this CPU, where a whole step took 7 s)."""
+    x, weight = primals
+    flat = cotangent.reshape(-1, cotangent.shape[-1])
+    return (cotangent @ weight).astype(x.dtype), (flat.T @ x.reshape(-1, x.shape[-1])).astype(weight.dtype)
+
+
+class _Linear(nn.Linear):
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _linear(x, self["weight"])
+        return y + self["bias"] if "bias" in self else y
+
+
+class _Embedding(nn.Embedding):
+    def as_linear(self, x: mx.array) -> mx.array:  # the tied output head
+        return _linear(x, self["weight"])
+
+
+@contextmanager
+def row_major_weight_gradients(model: nn.Module) -> Iterator[None]:
+    """While tracing a training step: `model`'s plain Linear layers (and a tied embedding's head) compute their
+    weight gradients in the weights' layout (`_linear_vjp`). The same forward; the classes are restored after."""
+    swapped = []
+    for _, module in model.named_modules():
+        training_class = {nn.Linear: _Linear, nn.Embedding: _Embedding}.get(type(module))
+        if training_class is not None:
+            swapped.append((module, type(module)))
+            module.__class__ = training_class
+    try:
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
 
 
 class Diverged(OptionError):
@@ -462,7 +506,8 @@ class Trainer:
         """The token-weighted sums (loss, gradients, tokens) of `micro_batches` on this process, evaluated."""
         acc = None
         for batch in micro_batches:
-            acc = self._weighted(*self._micro(*batch), acc)
+            with row_major_weight_gradients(self.model):
+                acc = self._weighted(*self._micro(*batch), acc)
             mx.eval(acc)
         assert acc is not None, "no micro-batches"
         return acc
@@ -471,10 +516,9 @@ class Trainer:
         """One optimizer step over `micro_batches` (gradient accumulation); returns metrics."""
         tic = time.perf_counter()
         *earlier, last = micro_batches
-        if earlier:
-            loss, tokens, norm = self._update_after(*self._accumulate(earlier), *last)
-        else:
-            loss, tokens, norm = self._update(*last)
+        acc = self._accumulate(earlier) if earlier else None
+        with row_major_weight_gradients(self.model):
+            loss, tokens, norm = self._update_after(*acc, *last) if acc else self._update(*last)
         mx.eval(self.model.state, self.optimizer.state, loss, tokens, norm)
         seconds = time.perf_counter() - tic
         return {
