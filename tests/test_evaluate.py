@@ -82,20 +82,19 @@ def test_continuation_equals_sum_of_token_logprobs_of_one_forward(model):
 def test_batched_equals_unbatched_and_grouped_equals_ungrouped(model, monkeypatch):
     requests = _requests(seed=1)
     alone = [loglikelihood(model, [r], batch_size=1)[0] for r in requests]  # each in its own pass, no cache
-    prefills = []
-    real = scoring._prefill
-    monkeypatch.setattr(scoring, "_prefill", lambda m, p: prefills.append(list(p)) or real(m, p))
+    packs = []
+    real = scoring._pack
+    monkeypatch.setattr(scoring, "_pack", lambda ctx, conts: packs.append((tuple(ctx), len(conts))) or real(ctx, conts))
     for batch_size in (1, 3, 16):
-        prefills.clear()  # (the last batch size's prefixes are kept for the check below)
+        packs.clear()  # (the last batch size's packs are kept for the check below)
         batched = loglikelihood(model, requests, batch_size=batch_size)
         np.testing.assert_allclose([s.logprob for s in batched], [s.logprob for s in alone], rtol=1e-5, atol=1e-5)
         assert [s.is_greedy for s in batched] == [s.is_greedy for s in alone]
+    # at batch 16 each context went through the model once, packed with all of its continuations
+    contexts = [tuple(c) for c, _ in requests]
+    assert sorted(packs) == sorted((c, contexts.count(c)) for c in set(contexts))
     flat = loglikelihood(model, requests, batch_size=16, share_contexts=False)
     np.testing.assert_allclose([s.logprob for s in flat], [s.logprob for s in alone], rtol=1e-5, atol=1e-5)
-    # at batch 16 every context shared by several requests was prefilled once, without its last token
-    shared = {tuple(c) for c, _ in requests if sum(tuple(x) == tuple(c) for x, _ in requests) > 1}
-    prefilled = [tuple(p) for batch in prefills for p in batch if p]
-    assert sorted(prefilled) == sorted(c[:-1] for c in shared if len(c) > 1)
 
 
 def test_is_greedy_matches_argmax(model):

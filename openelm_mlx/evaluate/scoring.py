@@ -14,11 +14,12 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import BatchKVCache
+import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataError, check_range
-from ..generation.settings import prefill_step
+from ..model.decoder import Kernels
+from ..model.step import default_exp, exp_kernels
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, BOS included; continuation ids)
 LOGITS_BUDGET = 1 << 26  # floats of logits held at once (256 MB in float32): rows are scored in slices
@@ -163,17 +164,39 @@ def _batches(
     return [b for b in batches if b]
 
 
-def _prefill(model: nn.Module, prefixes: Sequence[Sequence[int]]) -> list[BatchKVCache]:
-    """A KV cache per layer holding the left-padded `prefixes` (one row each; empty prefixes are all padding)."""
-    longest = max(len(p) for p in prefixes)
-    cache = [BatchKVCache([longest - len(p) for p in prefixes]) for _ in model.layers]
-    if longest:
-        tokens = mx.array([[0] * (longest - len(p)) + list(p) for p in prefixes], dtype=mx.uint32)
-        step = prefill_step()
-        for start in range(0, longest, step):
-            model.transformer(tokens[:, start : start + step], cache=cache)
-            mx.eval([c.state for c in cache])
-    return cache
+def _pack(ctx: Sequence[int], conts: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+    """One row holding a context and its continuations' inputs, `ctx + c1[:-1] + c2[:-1] + ...`: the tokens,
+    their positions (each continuation goes on from the context's end), their segments (0: the context, j: the
+    j-th continuation) and, per continuation, the row index whose hidden state predicts each of its tokens (the
+    first from the context's last token)."""
+    tokens, positions, segments, predictors = list(ctx), list(range(len(ctx))), [0] * len(ctx), []
+    for j, cont in enumerate(conts, 1):
+        start = len(tokens)
+        tokens += cont[:-1]
+        positions += range(len(ctx), len(ctx) + len(cont) - 1)
+        segments += [j] * (len(cont) - 1)
+        predictors.append([len(ctx) - 1] + list(range(start, start + len(cont) - 1)))
+    return tokens, positions, segments, predictors
+
+
+def _packed_kernels(positions: mx.array, mask: mx.array, base: float) -> Kernels:
+    """RoPE at each token's own position and attention under `mask` (B, 1, T, T): a continuation sees the context
+    and its own earlier tokens, never another continuation. SiLU and softmax use the decode step's exp choice
+    (`model.step.default_exp`: on x86-64 CPUs MLX's exp is 3x slower than a power; softmax was most of the time)."""
+    kernels = exp_kernels(default_exp())
+
+    def rope(x: mx.array, head_dim: int, _base: float, _offset: Any) -> mx.array:
+        half = head_dim // 2
+        inv_freq = mx.power(base, -mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+        angles = positions[:, None, :, None].astype(mx.float32) * inv_freq  # (B, 1, T, half)
+        cos, sin = mx.cos(angles), mx.sin(angles)
+        x1, x2 = x[..., :half].astype(mx.float32), x[..., half:].astype(mx.float32)
+        return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+    def attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float, **_: Any) -> mx.array:
+        return kernels.attention(q, k, v, cache=None, scale=scale, mask=mask)
+
+    return Kernels(silu=kernels.silu, rope=rope, attention=attention)
 
 
 def _score_batch(
@@ -182,50 +205,53 @@ def _score_batch(
     fitted: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
     results: list[Score | None],
 ) -> int:
-    """Score one batch into `results`; returns the tokens that went through the model."""
-    shared = [len(rows) > 1 for _, rows in batch]  # a lone request runs in one pass, without a cache
-    prefixes = [ctx[:-1] if s else () for (ctx, _), s in zip(batch, shared)]
-    cache = _prefill(model, prefixes)
-    inputs, targets, order, group_of_row = [], [], [], []
-    for g, ((ctx, rows), s) in enumerate(zip(batch, shared)):
-        for r in rows:
-            cont = fitted[r][1]
-            inputs.append(list(ctx[-1:] if s else ctx) + list(cont[:-1]))
-            targets.append(cont)
-            order.append(r)
-            group_of_row.append(g)
-    for c in cache:
-        c.filter(mx.array(group_of_row))  # one cache row per continuation (a shared context is copied, not re-run)
-    width = max(len(x) for x in inputs)
-    tokens = mx.array([x + [0] * (width - len(x)) for x in inputs], dtype=mx.uint32)
-    hidden = model.transformer(tokens, cache=cache)  # (B, width, D)
-    K = max(len(t) for t in targets)
-    # position j of row i predicts targets[i][j]: the continuation's first token is predicted by the last context token
-    positions = [[len(x) - len(t) + min(j, len(t) - 1) for j in range(K)] for x, t in zip(inputs, targets)]
-    padded = [list(t) + [0] * (K - len(t)) for t in targets]
-    valid = mx.array([[j < len(t) for j in range(K)] for t in targets])
-    hidden = mx.take_along_axis(hidden, mx.array(positions)[..., None], axis=1)  # (B, K, D)
-    lp, greedy = _token_scores(model, hidden, mx.array(padded), valid)
-    for i, r in enumerate(order):
-        results[r] = Score(lp[i], greedy[i], len(targets[i]))
-    return sum(map(len, prefixes)) + sum(map(len, inputs))
+    """Score one batch into `results`, each context and its continuations packed into one row (`_pack`), so a
+    shared context is run once and a row holds no padding between its continuations. Returns the tokens run."""
+    packs = [_pack(ctx, [fitted[r][1] for r in rows]) for ctx, rows in batch]
+    T = max(len(tokens) for tokens, *_ in packs)
+    tokens = np.zeros((len(packs), T), np.uint32)
+    positions = np.zeros((len(packs), T), np.int32)
+    segments = np.full((len(packs), T), -1, np.int32)  # padding: its own segment, seen by nothing real
+    for i, (t, p, g, _) in enumerate(packs):
+        tokens[i, : len(t)], positions[i, : len(p)], segments[i, : len(g)] = t, p, g
+    causal = np.tril(np.ones((T, T), bool))
+    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+    mask = mx.array((causal & same)[:, None])
+    kernels = _packed_kernels(mx.array(positions), mask, model.layers[0].attn.rope_base)
+    hidden = model.transformer(mx.array(tokens), kernels=kernels)  # (B, T, D)
+    # every scored token once, flattened (no padding): the hidden state that predicts it, in its pack's row
+    rows_of, index, targets, owners = [], [], [], []
+    for i, ((_, rows), (*_, preds)) in enumerate(zip(batch, packs)):
+        for r, pred in zip(rows, preds):
+            rows_of += [i] * len(pred)
+            index += pred
+            targets += fitted[r][1]
+            owners += [r] * len(pred)
+    logprobs, hits = _token_scores(model, hidden[mx.array(rows_of), mx.array(index)], mx.array(targets))
+    sums: dict[int, float] = {}
+    greedy: dict[int, bool] = {}
+    for r, lp, hit in zip(owners, logprobs, hits):
+        sums[r] = sums.get(r, 0.0) + lp
+        greedy[r] = greedy.get(r, True) and hit
+    for r, total in sums.items():
+        results[r] = Score(total, greedy[r], len(fitted[r][1]))
+    return sum(len(t) for t, *_ in packs)
 
 
-def _token_scores(model: nn.Module, hidden: mx.array, targets: mx.array, valid: mx.array) -> tuple[list, list]:
-    """Per row: the summed float32 log-probability of `targets` where `valid`, and whether each was the argmax."""
-    B, K, _ = hidden.shape
-    step = max(1, LOGITS_BUDGET // (K * model.config.vocab_size))
-    sums: list[float] = []
-    greedy: list[bool] = []
-    for s in range(0, B, step):
-        logits = model.head(hidden[s : s + step]).astype(mx.float32)  # (b, K, vocab)
-        chosen = mx.take_along_axis(logits, targets[s : s + step, :, None], axis=-1)[..., 0]
-        lp = mx.where(valid[s : s + step], chosen - mx.logsumexp(logits, axis=-1), 0.0).sum(-1)
-        hit = ((logits.argmax(-1) == targets[s : s + step]) | ~valid[s : s + step]).all(-1)
+def _token_scores(model: nn.Module, hidden: mx.array, targets: mx.array) -> tuple[list[float], list[bool]]:
+    """Per scored token (hidden (N, D), targets (N,)): its float32 log-probability, and whether it was the argmax."""
+    step = max(1, LOGITS_BUDGET // model.config.vocab_size)
+    logprobs: list[float] = []
+    hits: list[bool] = []
+    for s in range(0, hidden.shape[0], step):
+        logits = model.head(hidden[s : s + step]).astype(mx.float32)  # (n, vocab)
+        chosen = mx.take_along_axis(logits, targets[s : s + step, None], axis=-1)[:, 0]
+        lp = chosen - mx.logsumexp(logits, axis=-1)
+        hit = logits.argmax(-1) == targets[s : s + step]
         mx.eval(lp, hit)
-        sums += lp.tolist()
-        greedy += hit.tolist()
-    return sums, greedy
+        logprobs += lp.tolist()
+        hits += hit.tolist()
+    return logprobs, hits
 
 
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[Request]:

@@ -88,6 +88,14 @@ class _RopeTables:
         return (x.astype(mx.float32) * cos + swapped.astype(mx.float32) * sin).astype(x.dtype)
 
 
+def exp_kernels(exp: Exp) -> Kernels:
+    """The kernels `exp` decides (SiLU, and attention's softmax; `attention` takes a boolean mask), with the
+    model's own RoPE: for other forward passes that want the step's exp, e.g. evaluation's packed rows."""
+    if exp == "native":
+        return Kernels()
+    return Kernels(silu=_power_silu, attention=_power_attention)
+
+
 def _kernels(exp: Exp) -> Kernels:
     """The step's kernels (made per trace: the RoPE tables are per step)."""
     if exp == "native":
