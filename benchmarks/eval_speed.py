@@ -11,10 +11,15 @@ import argparse
 import time
 from pathlib import Path
 
+# isort: off
+import openelm_mlx  # noqa: F401  (first: loads the fast BLAS before mlx.core)
+
+# isort: on
 import mlx.core as mx
 import numpy as np
 
 from openelm_mlx import load
+from openelm_mlx.bench import blas
 from openelm_mlx.bench import speed as bench
 from openelm_mlx.demo import DEMO_DIR
 from openelm_mlx.evaluate.scoring import loglikelihood
@@ -69,7 +74,7 @@ def main() -> None:
         rps = measure(model, requests, args.repeats)
         ratio = rps["batch 16"] / rps["batch 1"]
         shared = rps["batch 16"] / rps["batch 16, contexts not shared"]
-        print(f"{name}: {len(requests)} requests ({args.groups} contexts x 4), requests/s:")
+        print(f"{name} ({blas.STATE.source} BLAS): {len(requests)} requests ({args.groups} contexts x 4), requests/s:")
         for setting, value in rps.items():
             print(f"  {setting}: {value:.1f}")
         print(f"  batch 16 / batch 1: {ratio:.2f}x (target >= 3x); shared contexts / not shared: {shared:.2f}x")

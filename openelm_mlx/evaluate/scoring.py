@@ -98,10 +98,10 @@ def loglikelihood(
 ) -> list[Score]:
     """Score each continuation given its context (ids; the context carries its own BOS, see `encode_pair`).
 
-    Requests that share a context form a group: its context is prefilled once into a KV cache and its continuations
-    run as rows of one batch. Up to `batch_size` continuation rows go through the model together, longest first,
-    right-padded (a row never attends to its padding: it comes after it). Contexts longer than the window are cut
-    from the left (`fit_context`; a warning counts them).
+    Requests that share a context form a group, packed into one row (`_pack`): the context runs once and each
+    continuation sees it and itself only, at the positions after the context (so no position passes the window).
+    Up to `batch_size` continuations go through the model together, longest rows first, right-padded (a token never
+    attends to padding). Contexts longer than the window are cut from the left (`fit_context`; a warning counts them).
 
     Args:
         model: an OpenELM `Model` (its `transformer` and `head` are called, so only scored positions get logits).
@@ -164,7 +164,9 @@ def _batches(
     return [b for b in batches if b]
 
 
-def _pack(ctx: Sequence[int], conts: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+def _pack(
+    ctx: Sequence[int], conts: Sequence[Sequence[int]]
+) -> tuple[list[int], list[int], list[int], list[list[int]]]:
     """One row holding a context and its continuations' inputs, `ctx + c1[:-1] + c2[:-1] + ...`: the tokens,
     their positions (each continuation goes on from the context's end), their segments (0: the context, j: the
     j-th continuation) and, per continuation, the row index whose hidden state predicts each of its tokens (the
