@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..errors import DataError, check_range
 from ..model.decoder import Kernels
-from ..model.step import default_exp, exp_kernels
+from ..model.step import RopeTables, default_exp, exp_kernels
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, BOS included; continuation ids)
 LOGITS_BUDGET = 1 << 26  # floats of logits held at once (256 MB in float32): rows are scored in slices
@@ -181,19 +181,14 @@ def _pack(
     return tokens, positions, segments, predictors
 
 
-def _packed_kernels(positions: mx.array, mask: mx.array, base: float) -> Kernels:
+def _packed_kernels(positions: mx.array, mask: mx.array) -> Kernels:
     """RoPE at each token's own position and attention under `mask` (B, 1, T, T): a continuation sees the context
     and its own earlier tokens, never another continuation. SiLU and softmax use the decode step's exp choice
     (`model.step.default_exp`: on x86-64 CPUs MLX's exp is 3x slower than a power; softmax was most of the time)."""
-    kernels = exp_kernels(default_exp())
+    kernels, tables = exp_kernels(default_exp()), RopeTables()
 
-    def rope(x: mx.array, head_dim: int, _base: float, _offset: Any) -> mx.array:
-        half = head_dim // 2
-        inv_freq = mx.power(base, -mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
-        angles = positions[:, None, :, None].astype(mx.float32) * inv_freq  # (B, 1, T, half)
-        cos, sin = mx.cos(angles), mx.sin(angles)
-        x1, x2 = x[..., :half].astype(mx.float32), x[..., half:].astype(mx.float32)
-        return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    def rope(x: mx.array, head_dim: int, base: float, _offset: Any) -> mx.array:
+        return tables(x, head_dim, base, positions)
 
     def attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float, **_: Any) -> mx.array:
         return kernels.attention(q, k, v, cache=None, scale=scale, mask=mask)
@@ -219,7 +214,7 @@ def _score_batch(
     causal = np.tril(np.ones((T, T), bool))
     same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
     mask = mx.array((causal & same)[:, None])
-    kernels = _packed_kernels(mx.array(positions), mask, model.layers[0].attn.rope_base)
+    kernels = _packed_kernels(mx.array(positions), mask)
     hidden = model.transformer(mx.array(tokens), kernels=kernels)  # (B, T, D)
     # every scored token once, flattened (no padding): the hidden state that predicts it, in its pack's row
     rows_of, index, targets, owners = [], [], [], []

@@ -11,6 +11,7 @@ already are) goes through the model as usual.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import weakref
@@ -62,9 +63,10 @@ def _power_attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: f
     return out.reshape(B, n_heads, L, head_dim)
 
 
-class _RopeTables:
-    """RoPE at one position per row as `x * cos + swap_halves(x) * sin`, the tables made once per step (one offset
-    array serves every layer) instead of once per call as `mx.fast.rope`'s CPU fallback does."""
+class RopeTables:
+    """RoPE at one position per row (`offset` (B,)) or per token (`offset` (B, T)) as
+    `x * cos + swap_halves(x) * sin`, the tables made once per forward pass (one offset array serves every layer)
+    instead of once per call as `mx.fast.rope`'s CPU fallback does."""
 
     def __init__(self) -> None:
         self.tables: dict[tuple[int, int, float], tuple[mx.array, mx.array, mx.array]] = {}
@@ -74,9 +76,9 @@ class _RopeTables:
         if key not in self.tables:
             half = head_dim // 2
             inv_freq = mx.exp(mx.arange(half, dtype=mx.float32) * (-math.log(base) / half))  # base ** (-2i / d)
-            theta = offset.astype(mx.float32)[:, None] * inv_freq  # (B, half)
+            theta = offset.astype(mx.float32)[..., None] * inv_freq  # (B, half) or (B, T, half)
             cos, sin = mx.cos(theta), mx.sin(theta)
-            shape = (-1, 1, 1, head_dim)  # broadcast over (B, heads, 1 position, head_dim)
+            shape = (offset.shape[0], 1, -1, head_dim)  # broadcast over (B, heads, positions, head_dim)
             self.tables[key] = (
                 offset,
                 mx.concatenate([cos, cos], -1).reshape(shape),
@@ -98,9 +100,7 @@ def exp_kernels(exp: Exp) -> Kernels:
 
 def _kernels(exp: Exp) -> Kernels:
     """The step's kernels (made per trace: the RoPE tables are per step)."""
-    if exp == "native":
-        return Kernels(rope=_RopeTables())
-    return Kernels(silu=_power_silu, attention=_power_attention, rope=_RopeTables())
+    return dataclasses.replace(exp_kernels(exp), rope=RopeTables())
 
 
 class _StepCache:
