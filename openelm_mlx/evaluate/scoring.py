@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..errors import DataError, check_range
 from ..model.decoder import Kernels
-from ..model.step import RopeTables, default_exp, exp_kernels
+from ..model.step import RopeTables, default_exp, exp_kernels, power_exp
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, BOS included; continuation ids)
 LOGITS_BUDGET = 1 << 26  # floats of logits held at once (256 MB in float32): rows are scored in slices
@@ -164,34 +164,72 @@ def _batches(
     return [b for b in batches if b]
 
 
-def _pack(
-    ctx: Sequence[int], conts: Sequence[Sequence[int]]
-) -> tuple[list[int], list[int], list[int], list[list[int]]]:
-    """One row holding a context and its continuations' inputs, `ctx + c1[:-1] + c2[:-1] + ...`: the tokens,
-    their positions (each continuation goes on from the context's end), their segments (0: the context, j: the
-    j-th continuation) and, per continuation, the row index whose hidden state predicts each of its tokens (the
-    first from the context's last token)."""
-    tokens, positions, segments, predictors = list(ctx), list(range(len(ctx))), [0] * len(ctx), []
-    for j, cont in enumerate(conts, 1):
+def _pack(ctx: Sequence[int], conts: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """One row holding a context and its continuations' inputs, `ctx + c1[:-1] + c2[:-1] + ...`: the tokens, their
+    positions (each continuation goes on from the context's end) and, per continuation, the row index whose hidden
+    state predicts each of its tokens (the first from the context's last token)."""
+    tokens, positions, predictors = list(ctx), list(range(len(ctx))), []
+    for cont in conts:
         start = len(tokens)
         tokens += cont[:-1]
         positions += range(len(ctx), len(ctx) + len(cont) - 1)
-        segments += [j] * (len(cont) - 1)
         predictors.append([len(ctx) - 1] + list(range(start, start + len(cont) - 1)))
-    return tokens, positions, segments, predictors
+    return tokens, positions, predictors
 
 
-def _packed_kernels(positions: mx.array, mask: mx.array) -> Kernels:
-    """RoPE at each token's own position and attention under `mask` (B, 1, T, T): a continuation sees the context
-    and its own earlier tokens, never another continuation. SiLU and softmax use the decode step's exp choice
-    (`model.step.default_exp`: on x86-64 CPUs MLX's exp is 3x slower than a power; softmax was most of the time)."""
+@dataclass(frozen=True)
+class _Attend:
+    """One block of a flat batch's attention: queries `[start, stop)` see the keys of `keys` (ranges of the flat
+    sequence, concatenated) under `mask` (queries, keys)."""
+
+    start: int
+    stop: int
+    keys: tuple[tuple[int, int], ...]
+    mask: mx.array
+
+
+def _plan(offset: int, context: int, lengths: Sequence[int]) -> list[_Attend]:
+    """The attention blocks of one pack at `offset` (`_pack`'s layout: `context` tokens, then continuation inputs
+    of `lengths`): a lone continuation is one causal row; otherwise the context is causal on itself and each
+    continuation sees the whole context and its own earlier tokens, so no score is made between two continuations
+    (at four continuations per context that is under half the scores of the pack's full square)."""
+    total = context + sum(lengths)
+    if len(lengths) == 1:
+        return [_Attend(offset, offset + total, ((offset, offset + total),), _causal(total, 0))]
+    blocks = [_Attend(offset, offset + context, ((offset, offset + context),), _causal(context, 0))]
+    start = offset + context
+    for n in lengths:
+        if n:
+            keys = ((offset, offset + context), (start, start + n))
+            blocks.append(_Attend(start, start + n, keys, _causal(n, context)))
+        start += n
+    return blocks
+
+
+def _causal(queries: int, seen: int) -> mx.array:
+    """(queries, seen + queries): every query sees the first `seen` keys and the keys up to its own."""
+    return mx.array(np.tri(queries, seen + queries, seen, dtype=bool))
+
+
+def _flat_kernels(positions: mx.array, blocks: Sequence[_Attend]) -> Kernels:
+    """Kernels for a batch laid end to end in one row (no padding): RoPE at each token's own position, attention
+    block by block (`_Attend`). SiLU and softmax use the decode step's exp choice (`model.step.default_exp`: on
+    x86-64 CPUs MLX's exp is 3x slower than a power; softmax was most of the time)."""
     kernels, tables = exp_kernels(default_exp()), RopeTables()
 
     def rope(x: mx.array, head_dim: int, base: float, _offset: Any) -> mx.array:
         return tables(x, head_dim, base, positions)
 
     def attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float, **_: Any) -> mx.array:
-        return kernels.attention(q, k, v, cache=None, scale=scale, mask=mask)
+        def gather(x: mx.array, ranges: tuple[tuple[int, int], ...]) -> mx.array:
+            parts = [x[:, :, a:b] for a, b in ranges]
+            return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+        outs = [
+            kernels.attention(q[:, :, b.start : b.stop], gather(k, b.keys), gather(v, b.keys), None, scale, b.mask)
+            for b in blocks
+        ]
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
     return Kernels(silu=kernels.silu, rope=rope, attention=attention)
 
@@ -202,29 +240,27 @@ def _score_batch(
     fitted: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
     results: list[Score | None],
 ) -> int:
-    """Score one batch into `results`, each context and its continuations packed into one row (`_pack`), so a
-    shared context is run once and a row holds no padding between its continuations. Returns the tokens run."""
-    packs = [_pack(ctx, [fitted[r][1] for r in rows]) for ctx, rows in batch]
-    T = max(len(tokens) for tokens, *_ in packs)
-    tokens = np.zeros((len(packs), T), np.uint32)
-    positions = np.zeros((len(packs), T), np.int32)
-    segments = np.full((len(packs), T), -1, np.int32)  # padding: its own segment, seen by nothing real
-    for i, (t, p, g, _) in enumerate(packs):
-        tokens[i, : len(t)], positions[i, : len(p)], segments[i, : len(g)] = t, p, g
-    causal = np.tril(np.ones((T, T), bool))
-    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
-    mask = mx.array((causal & same)[:, None])
-    kernels = _packed_kernels(mx.array(positions), mask)
-    hidden = model.transformer(mx.array(tokens), kernels=kernels)  # (B, T, D)
-    # every scored token once, flattened (no padding): the hidden state that predicts it, in its pack's row
-    rows_of, index, targets, owners = [], [], [], []
-    for i, ((_, rows), (*_, preds)) in enumerate(zip(batch, packs)):
+    """Score one batch into `results`. Each context and its continuations are packed (`_pack`), so a shared context
+    runs once, and the packs are laid end to end in one row (`_flat_kernels`), so no token is padding. Returns the
+    tokens run."""
+    tokens: list[int] = []
+    positions: list[int] = []
+    blocks: list[_Attend] = []
+    rows_index, targets, owners = [], [], []
+    for ctx, rows in batch:
+        conts = [fitted[r][1] for r in rows]
+        t, p, preds = _pack(ctx, conts)
+        offset = len(tokens)
+        blocks += _plan(offset, len(ctx), [len(c) - 1 for c in conts])
         for r, pred in zip(rows, preds):
-            rows_of += [i] * len(pred)
-            index += pred
+            rows_index += [offset + i for i in pred]
             targets += fitted[r][1]
             owners += [r] * len(pred)
-    logprobs, hits = _token_scores(model, hidden[mx.array(rows_of), mx.array(index)], mx.array(targets))
+        tokens += t
+        positions += p
+    kernels = _flat_kernels(mx.array([positions], mx.int32), blocks)
+    hidden = model.transformer(mx.array([tokens], mx.uint32), kernels=kernels)[0]  # (N, D)
+    logprobs, hits = _token_scores(model, hidden[mx.array(rows_index)], mx.array(targets))
     sums: dict[int, float] = {}
     greedy: dict[int, bool] = {}
     for r, lp, hit in zip(owners, logprobs, hits):
@@ -232,7 +268,16 @@ def _score_batch(
         greedy[r] = greedy.get(r, True) and hit
     for r, total in sums.items():
         results[r] = Score(total, greedy[r], len(fitted[r][1]))
-    return sum(len(t) for t, *_ in packs)
+    return len(tokens)
+
+
+def _logsumexp(x: mx.array) -> mx.array:
+    """logsumexp over the last axis with the decode step's exp choice (over a 32k vocabulary MLX's scalar exp was
+    most of the scoring time on x86-64)."""
+    if default_exp() == "native":
+        return mx.logsumexp(x, axis=-1)
+    m = mx.stop_gradient(x.max(axis=-1))
+    return m + mx.log(power_exp(x - m[:, None]).sum(axis=-1))
 
 
 def _token_scores(model: nn.Module, hidden: mx.array, targets: mx.array) -> tuple[list[float], list[bool]]:
@@ -243,7 +288,7 @@ def _token_scores(model: nn.Module, hidden: mx.array, targets: mx.array) -> tupl
     for s in range(0, hidden.shape[0], step):
         logits = model.head(hidden[s : s + step]).astype(mx.float32)  # (n, vocab)
         chosen = mx.take_along_axis(logits, targets[s : s + step, None], axis=-1)[:, 0]
-        lp = chosen - mx.logsumexp(logits, axis=-1)
+        lp = chosen - _logsumexp(logits)
         hit = logits.argmax(-1) == targets[s : s + step]
         mx.eval(lp, hit)
         logprobs += lp.tolist()

@@ -33,7 +33,7 @@ def default_exp() -> Exp:
     return "power" if platform.machine().lower() in ("x86_64", "amd64") else "native"
 
 
-def _power_exp(x: mx.array) -> mx.array:
+def power_exp(x: mx.array) -> mx.array:
     """float32's e raised to `x`: exp(x) within 3e-8 * |x| relative (e is 3e-8 off in float32)."""
     return mx.power(math.e, x)
 
@@ -41,7 +41,7 @@ def _power_exp(x: mx.array) -> mx.array:
 def _power_silu(x: mx.array) -> mx.array:
     """x / (1 + e ** -x), in float32 (float16's exp(-x) overflows past x = -11)."""
     xf = x.astype(mx.float32)
-    return (xf / (1 + _power_exp(-xf))).astype(x.dtype)
+    return (xf / (1 + power_exp(-xf))).astype(x.dtype)
 
 
 def _power_attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float, mask: Any) -> mx.array:
@@ -57,7 +57,7 @@ def _power_attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: f
     if mask is not None:
         scores = mx.where(mask, scores, -mx.inf)
     s = scores.astype(mx.float32)
-    e = _power_exp(s - s.max(axis=-1, keepdims=True))
+    e = power_exp(s - s.max(axis=-1, keepdims=True))
     probs = (e / e.sum(axis=-1, keepdims=True)).astype(q.dtype)
     out = probs.reshape(B, n_kv_heads, n_heads // n_kv_heads * L, -1) @ v
     return out.reshape(B, n_heads, L, head_dim)
