@@ -28,6 +28,11 @@ from .settings import GenerationConfig, check_prompt_ids, prefill_step
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
+def _logprobs(logits: mx.array) -> mx.array:
+    """Log-probabilities over the last axis (lazy, as every MLX result)."""
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
 class RowSampler:
     """One row's sampling: mlx-lm's filters (top-p, min-p, top-k) and a categorical draw with the row's own random
     key, split at every step, so a seed gives the same tokens alone or in any batch. Temperature 0 is greedy."""
@@ -335,26 +340,26 @@ class Engine:
         if any(r.sampler.processors for r in self.rows):  # on the raw logits, each row with its own history
             rows = [self._process(r, logits[i : i + 1]) for i, r in enumerate(self.rows)]
             logits = mx.concatenate(rows)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        picks = mx.argmax(logprobs, axis=-1)
+        # Greedy rows take the argmax of the logits; log-probabilities are made only for the rows that sample, and
+        # lazily for those that keep them (read or not): over a 32k vocabulary at batch 8 they took 3.4 ms a step.
+        picks = mx.argmax(logits, axis=-1)
         sampled = {}
         for i, row in enumerate(self.rows):
             if not row.sampler.greedy:
                 try:
-                    sampled[i] = row.sampler.sample(logprobs[i : i + 1])
+                    sampled[i] = row.sampler.sample(_logprobs(logits[i : i + 1]))
                 except Exception as e:  # noqa: BLE001 - a row's settings fail that row only
                     row.finish_reason, row.error = "error", e
         if sampled:
             order = mx.array(list(sampled))
             picks[order] = mx.concatenate(list(sampled.values())).astype(picks.dtype)
-        mx.eval(picks, logprobs)  # logprobs: the rows that asked for them read their slice
         made = 0
         for i, (row, token) in enumerate(zip(self.rows, picks.tolist())):
             if row.done:
                 continue
             made += 1
             try:
-                self._advance(row, token, logprobs[i] if row.logprobs else None)
+                self._advance(row, token, _logprobs(logits[i]) if row.logprobs else None)
             except Exception as e:  # noqa: BLE001 - one row's failure ends that row only
                 row.finish_reason, row.error = "error", e
         self.stats.generated_tokens += made
