@@ -70,6 +70,17 @@ def test_compiled_steps_equal_the_eager_model(config, exp):
     assert len(calls) == 11  # every single-token step but the one at a full buffer (eager, which grows it)
 
 
+def test_the_attention_window_follows_the_cache_across_its_steps():
+    """The step attends over the written columns rounded up to WINDOW_STEP, not the whole buffer: crossing from one
+    window to the next (60 -> 70 columns, and a batch whose rows are left-padded) equals the eager model."""
+    from openelm_mlx.model.step import WINDOW_STEP
+
+    model = random_model(OpenELMConfig.tiny())
+    decoder, calls = counted_decoder(model)
+    assert decode_both(model, decoder, WINDOW_STEP - 4, 10) < 1e-5
+    assert len(calls) == 9
+
+
 def test_batch_rows_decode_together():
     model = random_model(OpenELMConfig.tiny())
     decoder, calls = counted_decoder(model)
