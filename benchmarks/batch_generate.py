@@ -4,7 +4,8 @@
 2. With --baseline OLD_CHECKOUT: single-stream tokens/s of this checkout and the old one on the same random model, in
    fresh processes alternated, so a change to the decode path is measured side by side.
 
-    python benchmarks/batch_generate.py [--arch OpenELM-270M] [--prompts 8] [-g 64] [--baseline DIR] [--repeats 3]
+    python benchmarks/batch_generate.py [--arch OpenELM-270M | demo] [--prompts 8] [-g 64] [--baseline DIR]
+        [--repeats 3]
 """
 
 import argparse
@@ -84,24 +85,30 @@ def batch_vs_sequential(model, n: int, g: int, repeats: int) -> dict[str, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--arch", default="OpenELM-270M")
+    parser.add_argument("--arch", default="OpenELM-270M", help="a preset (random float32 weights), or demo")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("-g", "--gen-tokens", type=int, default=64)
     parser.add_argument("-p", "--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", type=Path, default=None, help="an older checkout of this repo")
     args = parser.parse_args()
-    model = bench.random_model(OpenELMConfig.from_preset(args.arch), "float32")
+    if args.arch == "demo":
+        from openelm_mlx import load_model
+        from openelm_mlx.demo import DEMO_DIR
+
+        model = load_model(DEMO_DIR)
+    else:
+        model = bench.random_model(OpenELMConfig.from_preset(args.arch), "float32")
     row: dict = {"prompts": args.prompts, "gen_tokens": args.gen_tokens}
     row["batch"] = batch_vs_sequential(model, args.prompts, args.gen_tokens, args.repeats)
     b = row["batch"]
-    print(f"{args.arch} float32, {args.prompts} prompts x {args.gen_tokens} tokens, BLAS {blas.STATE.describe()}")
+    print(f"{args.arch}, {args.prompts} prompts x {args.gen_tokens} tokens, BLAS {blas.STATE.describe()}")
     print(f"one at a time {b['sequential_tok_s']:.1f} tok/s, batched {b['batched_tok_s']:.1f} tok/s: {b['ratio']:.2f}x")
     if args.baseline:
         from openelm_mlx.folders.io import save
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = save(model, Path(tmp) / "m")
+            folder = DEMO_DIR if args.arch == "demo" else save(model, Path(tmp) / "m")
             ours, theirs = [], []
             for _ in range(args.repeats):
                 theirs.append(single_stream(args.baseline, folder, args.prompt_tokens, args.gen_tokens))
@@ -111,7 +118,8 @@ def main() -> None:
                                 "ratio": ratio, "baseline": str(args.baseline)}  # fmt: skip
         print(f"single stream: ours {statistics.median(ours):.2f} tok/s, baseline {statistics.median(theirs):.2f}: "
               f"{ratio:.3f}x")  # fmt: skip
-    bench.record(RESULTS, f"batch generate {args.arch}/float32/blas={blas.STATE.source}", row)
+    dtype = "" if args.arch == "demo" else "/float32"
+    bench.record(RESULTS, f"batch generate {args.arch}{dtype}/blas={blas.STATE.source}", row)
 
 
 if __name__ == "__main__":
