@@ -98,10 +98,11 @@ def loglikelihood(
 ) -> list[Score]:
     """Score each continuation given its context (ids; the context carries its own BOS, see `encode_pair`).
 
-    Requests that share a context form a group, packed into one row (`_pack`): the context runs once and each
+    Requests that share a context form a group, packed together (`_pack`): the context runs once and each
     continuation sees it and itself only, at the positions after the context (so no position passes the window).
-    Up to `batch_size` continuations go through the model together, longest rows first, right-padded (a token never
-    attends to padding). Contexts longer than the window are cut from the left (`fit_context`; a warning counts them).
+    Up to `batch_size` continuations go through the model together, their packs end to end in one row with no
+    padding (`_flat_kernels`). Contexts longer than the window are cut from the left (`fit_context`; a warning counts
+    them).
 
     Args:
         model: an OpenELM `Model` (its `transformer` and `head` are called, so only scored positions get logits).
@@ -276,7 +277,7 @@ def _logsumexp(x: mx.array) -> mx.array:
     most of the scoring time on x86-64)."""
     if default_exp() == "native":
         return mx.logsumexp(x, axis=-1)
-    m = mx.stop_gradient(x.max(axis=-1))
+    m = x.max(axis=-1)
     return m + mx.log(power_exp(x - m[:, None]).sum(axis=-1))
 
 

@@ -12,6 +12,7 @@ already are) goes through the model as usual.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import platform
 import weakref
@@ -112,8 +113,9 @@ class _StepCache:
     reads the first `window` columns (those written, rounded up), not the whole buffer: at batch 8 on the demo model a
     step over 256 columns took 2.8 ms and over 64 columns 2.3 ms."""
 
-    def __init__(self, keys: mx.array, values: mx.array, column: mx.array, offset: mx.array, start: mx.array,
-                 window: int):  # fmt: skip
+    def __init__(
+        self, keys: mx.array, values: mx.array, column: mx.array, offset: mx.array, start: mx.array, window: int
+    ):
         self.keys, self.values, self.column, self.offset, self.start = keys, values, column, offset, start
         self.window = window
 
@@ -134,8 +136,15 @@ def _step_fn(holder: list[Model], exp: Exp) -> Any:
     (logits (B, 1, V), keys, values), on the model in `holder` (whose weights are the trace's implicit inputs).
     `window` is an array whose length is the attention window: an input shape, so each width is its own trace."""
 
-    def step(tokens: mx.array, column: mx.array, offset: mx.array, start: mx.array, window: mx.array, keys: list,
-             values: list):  # fmt: skip
+    def step(
+        tokens: mx.array,
+        column: mx.array,
+        offset: mx.array,
+        start: mx.array,
+        window: mx.array,
+        keys: list,
+        values: list,
+    ):
         caches = [_StepCache(k, v, column, offset, start, window.shape[0]) for k, v in zip(keys, values)]
         logits = holder[0](tokens, caches, _kernels(exp))
         return logits, [c.keys for c in caches], [c.values for c in caches]
@@ -175,14 +184,10 @@ def _round_capacity(cache: list[Any]) -> None:
             c.keys, c.values = mx.pad(c.keys, pad), mx.pad(c.values, pad)
 
 
+@functools.cache
 def _window_array(n: int) -> mx.array:
     """A length-`n` array standing for the attention window (its shape is the step's input)."""
-    if n not in _WINDOW_ARRAYS:
-        _WINDOW_ARRAYS[n] = mx.zeros((n,), dtype=mx.int8)
-    return _WINDOW_ARRAYS[n]
-
-
-_WINDOW_ARRAYS: dict[int, mx.array] = {}
+    return mx.zeros((n,), dtype=mx.int8)
 
 
 class _CompiledStep:
