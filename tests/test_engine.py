@@ -155,6 +155,31 @@ def test_the_prompt_cache_reuses_the_longest_prefix_and_answers_the_same(demo):
     assert warm.tokens == alone(model, warm)
 
 
+def test_rows_continuing_cached_prefixes_are_fed_together_and_answer_as_alone(demo):
+    """Prefixes of different lengths, rests of different lengths (right-padded, then moved right), and a fresh
+    prompt, admitted in one step: one prefill, one join, and every answer equal to the same request alone."""
+    model, tok = demo
+    config = GenerationConfig(max_tokens=16)
+    engine = Engine(model, max_batch=8, prompt_cache_size=8)
+    engine.run(rows_for(tok, [TEXTS[1], TEXTS[3], TEXTS[5]], config))
+    prompts = [
+        tok.encode(TEXTS[1] + " And then the people rose"),
+        tok.encode(TEXTS[3] + " made glorious"),
+        tok.encode(TEXTS[5] + " What authority surfeits on would relieve us: if they"),
+        tok.encode(TEXTS[1]),  # all cached: its last token is fed again
+        tok.encode(TEXTS[6], add_bos=False),  # nothing cached (every cached prompt starts with BOS)
+    ]
+    rows = [Row(p, config, frozenset({tok.eos_id})) for p in prompts]
+    for row in rows:
+        engine.add(row)
+    engine.step()
+    assert len(engine.prefills) + (len(engine.rows) > 0) == 1  # one prefill (or already joined), not one per row
+    while engine.busy:
+        engine.step()
+    assert [r.cached_tokens > 0 for r in rows] == [True, True, True, True, False]
+    assert [r.tokens for r in rows] == [alone(model, r) for r in rows]
+
+
 def test_engine_settings_are_checked(demo):
     model, tok = demo
     with pytest.raises(OptionError, match="max_batch"):

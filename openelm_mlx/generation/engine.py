@@ -1,8 +1,8 @@
 """The generation engine: continuous batching of token rows over one model.
 
 Rows join a running batch and leave it when they finish. New prompts are prefilled in chunks between decode steps
-(fresh prompts together, left-padded in one batch; a prompt that continues a cached prefix on its own), then one
-model call advances every active row. Each row has its own settings (sampling, a random key from its seed,
+(the rows admitted in one step together: fresh prompts left-padded; prompts that continue cached prefixes after their
+merged prefixes, right-padded, then moved right), then one model call advances every active row. Each row has its own settings (sampling, a random key from its seed,
 repetition penalty, stop strings, max tokens, log-probabilities) and its own finish reason, and can be cancelled at
 once. `generate`, `chat`, the server and evaluation all run on it. Tokens only: text is added by `TextStream`s.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, LRUPromptCache
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, LRUPromptCache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from ..errors import OptionError
@@ -32,6 +32,20 @@ PIPELINE_ROWS = 2  # batches up to this size are pipelined (measured on the demo
 def _logprobs(logits: mx.array) -> mx.array:
     """Log-probabilities over the last axis (lazy, as every MLX result)."""
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _right_align(cache: list[Any], right: list[int]) -> None:
+    """Move each row of right-padded batch caches right by its padding (the padding's columns wrap round to its left
+    padding, masked), so every row's last fed token sits in the last column, as decoding needs."""
+    shift = mx.array(right)
+    for c in cache:
+        width = c._idx
+        columns = (mx.arange(width)[None, :] - shift[:, None]) % width  # (B, width): the column each one comes from
+        index = columns[:, None, :, None]
+        c.keys = mx.take_along_axis(c.keys[..., :width, :], index, axis=2)
+        c.values = mx.take_along_axis(c.values[..., :width, :], index, axis=2)
+        c.offset = c.offset - shift
+        c.left_padding = c.left_padding + shift
 
 
 class RowSampler:
@@ -106,13 +120,15 @@ class Row:
 
 @dataclass(eq=False)
 class _Prefill:
-    """Rows whose prompts are being fed, a chunk per engine step: `tokens` (B, L) left-padded, all but each prompt's
-    last token (that one is the row's first decode input)."""
+    """Rows whose prompts are being fed, a chunk per engine step: `tokens` (B, L), all but each prompt's last token
+    (that one is the row's first decode input). Fresh prompts are left-padded; rows that continue cached prefixes are
+    right-padded by `right` tokens each (their prefixes end at one column), and moved right by as much when fed."""
 
     rows: list[Row]
     cache: list[Any]
     tokens: mx.array
     position: int = 0
+    right: list[int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -278,8 +294,11 @@ class Engine:
     # -- admission and prefill ----------------------------------------------------------------------------------
 
     def _admit(self) -> None:
+        """Queued rows into one prefill: fresh prompts left-padded together, rows that continue cached prefixes
+        together (or, with a rotating cache, each on its own); a caller's cache is fed in place, on its own."""
         room = self.max_batch - len(self.rows) - sum(len(p.rows) for p in self.prefills)
         fresh: list[Row] = []
+        cached: list[tuple[Row, list[Any], list[int]]] = []
         while self.queue and room > 0:
             row = self.queue.popleft()
             if row.done:  # cancelled while queued
@@ -289,14 +308,31 @@ class Engine:
             cache, feed = self._start_cache(row)
             if cache is None:
                 fresh.append(row)
-            else:  # continues a cached prefix: prefilled on its own
+            elif row.cache is not None or self.max_kv_size is not None:
                 self.prefills.append(_Prefill([row], cache, mx.array([feed[:-1]], dtype=mx.uint32)))
-        if fresh:
+            else:
+                cached.append((row, cache, feed))
+        if cached:
+            self.prefills.append(self._continue_prefixes(cached, fresh))
+        elif fresh:
             lengths = [len(r.prompt) - 1 for r in fresh]
             longest = max(lengths)
             padding = [longest - n for n in lengths]
             tokens = mx.array([[0] * p + r.prompt[:-1] for r, p in zip(fresh, padding)], dtype=mx.uint32)
             self.prefills.append(_Prefill(fresh, self._batch_cache(padding), tokens))
+
+    def _continue_prefixes(self, cached: list[tuple[Row, list[Any], list[int]]], fresh: list[Row]) -> _Prefill:
+        """One prefill for rows that continue cached prefixes (and fresh rows: an empty prefix): the prefixes merged
+        right-aligned into a batch cache, the rest of each prompt right-padded after them (mlx-lm's BatchGenerator
+        does the same). Admitted one by one, such rows would join and finish the batch at different steps."""
+        rows = [r for r, _, _ in cached] + fresh
+        caches = [c for _, c, _ in cached] + [[KVCache() for _ in self.model.layers] for _ in fresh]
+        feeds = [f[:-1] for _, _, f in cached] + [r.prompt[:-1] for r in fresh]
+        longest = max(len(f) for f in feeds)
+        right = [longest - len(f) for f in feeds]
+        tokens = mx.array([f + [0] * p for f, p in zip(feeds, right)], dtype=mx.uint32)
+        cache = [BatchKVCache.merge(list(layer)) for layer in zip(*caches)]
+        return _Prefill(rows, cache, tokens, right=right)
 
     def _batch_cache(self, padding: list[int]) -> list[Any]:
         """An empty batch cache for rows left-padded by `padding`."""
@@ -332,6 +368,8 @@ class Engine:
             mx.eval([c.state for c in prefill.cache])
         prefill.position = end
         if prefill.finished:
+            if prefill.right is not None and any(prefill.right):
+                _right_align(prefill.cache, prefill.right)
             self.prefills.remove(prefill)
             self._join(prefill)
 
