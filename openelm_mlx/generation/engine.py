@@ -2,9 +2,10 @@
 
 Rows join a running batch and leave it when they finish. New prompts are prefilled in chunks between decode steps
 (the rows admitted in one step together: fresh prompts left-padded; prompts that continue cached prefixes after their
-merged prefixes, right-padded, then moved right), then one model call advances every active row. Each row has its own settings (sampling, a random key from its seed,
-repetition penalty, stop strings, max tokens, log-probabilities) and its own finish reason, and can be cancelled at
-once. `generate`, `chat`, the server and evaluation all run on it. Tokens only: text is added by `TextStream`s.
+merged prefixes, right-padded, then moved right), then one model call advances every active row. Each row has its
+own settings (sampling, a random key from its seed, repetition penalty, stop strings, max tokens, log-probabilities)
+and its own finish reason, and can be cancelled at once. `generate`, `chat`, the server and evaluation all run on it.
+Tokens only: text is added by `TextStream`s.
 """
 
 from __future__ import annotations
