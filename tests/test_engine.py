@@ -351,3 +351,23 @@ def test_an_identical_prompt_reuses_all_but_its_last_token(demo):
     again = Row(prompt, config, frozenset({tok.eos_id}))
     engine.run([again])
     assert again.cached_tokens == len(prompt) - 1 and again.tokens == alone(model, again)
+
+
+def test_an_answer_cut_off_by_a_full_context_ends_with_length(demo):
+    """Not "eos"/"stop": the engine ended it because the model's context is full (the server maps this to OpenAI's
+    "length" too)."""
+    from openelm_mlx.generation.generate import generate_batch, stream_generate
+
+    model, tok = demo
+    context = model.config.max_context_length
+    ids = tok.encode("ROMEO: " * 400)[: context - 3]
+    last = list(stream_generate(model, tok, ids, max_tokens=100))[-1]
+    assert (last.finish_reason, last.generation_tokens) == ("length", 3)
+    reasons: list[str] = []
+    generate_batch(
+        model, tok, [ids, tok.encode("ROMEO:")], config=GenerationConfig(max_tokens=4), finish_reasons=reasons
+    )
+    assert reasons[1] == "length"
+    reasons.clear()
+    generate_batch(model, tok, [ids, ids[:-1]], config=GenerationConfig(max_tokens=100), finish_reasons=reasons)
+    assert reasons == ["length", "length"]

@@ -138,6 +138,8 @@ def test_completion_streamed_and_not(client):
     assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
     ids = client.completions.create(model="openelm-mlx-demo", prompt=[1, 1984], max_tokens=2)  # token ids
     assert ids.usage.prompt_tokens == 2
+    full = client.completions.create(model="openelm-mlx-demo", prompt=[1] + [1984] * 508, max_tokens=100)
+    assert (full.usage.completion_tokens, full.choices[0].finish_reason) == (3, "length")  # the context is full
 
 
 def test_stop_string_ends_the_answer(client):

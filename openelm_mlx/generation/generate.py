@@ -239,13 +239,15 @@ class TextStream:
         self.n += 1
         return self.stops.feed(self.detok.add_token(token))
 
-    def finish(self) -> tuple[str, str]:
-        """(the text still held back, the finish reason: "stop_string", "length" or "eos")."""
+    def finish(self, full: bool = False) -> tuple[str, str]:
+        """(the text still held back, the finish reason: "stop_string", "length" or "eos"). `full`: generation ended
+        because the model's context is full (also "length": the answer was cut off)."""
         if self.stopped:
             return "", "stop_string"
         tail = self.stops.feed(self.detok.finalize())
         tail += "" if self.stopped else self.stops.flush()
-        return tail, "stop_string" if self.stopped else "length" if self.n >= self.max_tokens else "eos"
+        cut = full or self.n >= self.max_tokens
+        return tail, "stop_string" if self.stopped else "length" if cut else "eos"
 
 
 class _Stats:
@@ -294,6 +296,8 @@ def stream_generate(
     if prompt_cache is None:
         check_context(model, ids)
     text, stats = TextStream(tokenizer, ids, config), _Stats(len(ids))
+    held = prompt_cache[0].offset if prompt_cache else 0
+    room = None if config.max_kv_size is not None else model.config.max_context_length - held - len(ids)
     pieces: list[str] = []
     steps = token_steps(
         model,
@@ -311,7 +315,7 @@ def stream_generate(
             yield stats.step(piece, token, from_draft, logprobs=logprobs, finish_reason="stop_string")
             return
         yield stats.step(piece, token, from_draft, logprobs=logprobs)
-    tail, reason = text.finish()
+    tail, reason = text.finish(full=room is not None and stats.n >= room)
     yield stats.step(tail, finish_reason=reason)
 
 
@@ -391,7 +395,7 @@ def generate_batch(
     for row in rows:
         if row.error is not None:
             raise row.error
-    ends = [t.finish() for t in texts]
+    ends = [t.finish(full=row.finish_reason == "length") for t, row in zip(texts, rows)]
     if finish_reasons is not None:
         finish_reasons[:] = [reason for _, reason in ends]
     return ["".join(p) + tail for p, (tail, _) in zip(pieces, ends)]

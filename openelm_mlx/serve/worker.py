@@ -264,7 +264,7 @@ class Worker:
             self.stats["failed"] += 1
             r.job.emit(Failed(row.error))
             return
-        tail, reason = r.text.finish()
+        tail, reason = r.text.finish(full=row.finish_reason == "length")
         self.stats["served"] += 1
         self.stats["cached_tokens"] += row.cached_tokens
         r.job.emit(Done(tail, FINISH[reason], len(request.ids), len(row.tokens), row.cached_tokens))
