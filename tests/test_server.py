@@ -193,6 +193,14 @@ def test_api_key_is_required(url):
     bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         chat(bad, "Hi")
+    for header, status in ((f"bearer {KEY}", 200), (f"Basic {KEY}", 401), (KEY, 401), (f"Bearer {KEY}x", 401)):
+        req = urllib.request.Request(url + "/v1/models", headers={"Authorization": header})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                got = r.status
+        except urllib.error.HTTPError as e:
+            got = e.code
+        assert got == status, header
 
 
 BAD_REQUESTS = [

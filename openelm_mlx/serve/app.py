@@ -186,9 +186,9 @@ class Server:
         return endpoint
 
     def _check_key(self, request: Request) -> None:
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {self.settings.api_key}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")  # the scheme is case-insensitive
+        expected = self.settings.api_key or ""
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
 
     async def health(self, request: Request) -> Response:
