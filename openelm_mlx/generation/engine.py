@@ -24,7 +24,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logi
 
 from ..errors import OptionError
 from ..model.step import decoder_for
-from .settings import GenerationConfig, check_prompt_ids, prefill_step
+from .settings import GenerationConfig, check_prompt_ids, context_room, prefill_step
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 PIPELINE_ROWS = 2  # batches up to this size are pipelined (measured on the demo model: faster at 1-2 rows, not at 8)
@@ -33,20 +33,6 @@ PIPELINE_ROWS = 2  # batches up to this size are pipelined (measured on the demo
 def _logprobs(logits: mx.array) -> mx.array:
     """Log-probabilities over the last axis (lazy, as every MLX result)."""
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-
-def _right_align(cache: list[Any], right: list[int]) -> None:
-    """Move each row of right-padded batch caches right by its padding (the padding's columns wrap round to its left
-    padding, masked), so every row's last fed token sits in the last column, as decoding needs."""
-    shift = mx.array(right)
-    for c in cache:
-        width = c._idx
-        columns = (mx.arange(width)[None, :] - shift[:, None]) % width  # (B, width): the column each one comes from
-        index = columns[:, None, :, None]
-        c.keys = mx.take_along_axis(c.keys[..., :width, :], index, axis=2)
-        c.values = mx.take_along_axis(c.values[..., :width, :], index, axis=2)
-        c.offset = c.offset - shift
-        c.left_padding = c.left_padding + shift
 
 
 class RowSampler:
@@ -123,13 +109,13 @@ class Row:
 class _Prefill:
     """Rows whose prompts are being fed, a chunk per engine step: `tokens` (B, L), all but each prompt's last token
     (that one is the row's first decode input). Fresh prompts are left-padded; rows that continue cached prefixes are
-    right-padded by `right` tokens each (their prefixes end at one column), and moved right by as much when fed."""
+    right-padded (their prefixes end at one column), and their batch cache moves each row right once fed
+    (mlx-lm's `prepare(right_padding=...)` and `finalize()`)."""
 
     rows: list[Row]
     cache: list[Any]
     tokens: mx.array
     position: int = 0
-    right: list[int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -226,9 +212,7 @@ class Engine:
             name = "kv_bits" if row.config.kv_bits is not None else "max_kv_size"
             raise OptionError(name, "is a setting of the engine, not of one row (a batch shares one cache layout)")
         row.held = row.cache[0].offset if row.cache is not None else 0
-        row.room = (
-            None if self.max_kv_size is not None else self.model.config.max_context_length - row.held - len(row.prompt)
-        )
+        row.room = context_room(self.model, row.cache, len(row.prompt), self.max_kv_size)
         self.queue.append(row)
         return row
 
@@ -333,7 +317,9 @@ class Engine:
         right = [longest - len(f) for f in feeds]
         tokens = mx.array([f + [0] * p for f, p in zip(feeds, right)], dtype=mx.uint32)
         cache = [BatchKVCache.merge(list(layer)) for layer in zip(*caches)]
-        return _Prefill(rows, cache, tokens, right=right)
+        for c in cache:
+            c.prepare(right_padding=right)
+        return _Prefill(rows, cache, tokens)
 
     def _batch_cache(self, padding: list[int]) -> list[Any]:
         """An empty batch cache for rows left-padded by `padding`."""
@@ -369,8 +355,9 @@ class Engine:
             mx.eval([c.state for c in prefill.cache])
         prefill.position = end
         if prefill.finished:
-            if prefill.right is not None and any(prefill.right):
-                _right_align(prefill.cache, prefill.right)
+            for c in prefill.cache:
+                if isinstance(c, BatchKVCache):
+                    c.finalize()  # moves right-padded rows right (a no-op for the others)
             self.prefills.remove(prefill)
             self._join(prefill)
 

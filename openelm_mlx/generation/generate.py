@@ -26,6 +26,7 @@ from .settings import (
     GenerationConfig,
     check_context,
     check_prompt_ids,
+    context_room,
     kv_group_size_for,
     prefill_step,
     resolve_config,
@@ -296,8 +297,7 @@ def stream_generate(
     if prompt_cache is None:
         check_context(model, ids)
     text, stats = TextStream(tokenizer, ids, config), _Stats(len(ids))
-    held = prompt_cache[0].offset if prompt_cache else 0
-    room = None if config.max_kv_size is not None else model.config.max_context_length - held - len(ids)
+    room = context_room(model, prompt_cache, len(ids), config.max_kv_size)
     pieces: list[str] = []
     steps = token_steps(
         model,

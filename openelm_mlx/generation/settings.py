@@ -124,6 +124,14 @@ def check_prompt_ids(model: nn.Module, prompt_ids: Sequence[int]) -> None:
         raise OptionError("prompt", f"token ids must be whole numbers in [0, {vocab})")
 
 
+def context_room(model: nn.Module, cache: list[Any] | None, prompt_tokens: int, max_kv_size: int | None) -> int | None:
+    """Tokens that can be generated after a prompt (and what `cache` holds before it) before the model's context is
+    full, or None with a rotating cache (`max_kv_size`), which never fills."""
+    if max_kv_size is not None:
+        return None
+    return model.config.max_context_length - (cache[0].offset if cache else 0) - prompt_tokens
+
+
 def check_context(model: nn.Module, prompt_ids: Sequence[int]) -> None:
     """A prompt must fit the model's context, with room for one generated token (the same rule as the server's).
 

@@ -187,7 +187,7 @@ class Server:
 
     def _check_key(self, request: Request) -> None:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")  # the scheme is case-insensitive
-        expected = self.settings.api_key or ""
+        expected = str(self.settings.api_key)  # checked only when a key is set
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
 
