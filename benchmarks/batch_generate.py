@@ -1,24 +1,26 @@
 """Batched generation on the engine against one prompt at a time, and single-stream speed against an older checkout.
 
 1. `generate(model, tok, [8 prompts])` vs the same 8 prompts one after another (tokens/s of each, alternated).
-2. With --baseline OLD_CHECKOUT: single-stream tokens/s of this checkout and the old one on the same random model, in
-   fresh processes alternated, so a change to the decode path is measured side by side.
+2. With --baseline OLD_CHECKOUT: single-stream decode tokens/s of this checkout and the old one on the same weights,
+   both imported in one process (the old one under another name) and their tokens generated in turn, one by one.
 
     python benchmarks/batch_generate.py [--arch OpenELM-270M | demo] [--prompts 8] [-g 64] [--baseline DIR]
-        [--repeats 3]
+        [--single-tokens 300] [--repeats 3]
 """
 
 import argparse
-import json
+import importlib
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 # isort: off
-import openelm_mlx  # noqa: F401  (first: loads the fast BLAS before mlx.core)
+import openelm_mlx  # first: loads the fast BLAS before mlx.core
 
 # isort: on
 from openelm_mlx.bench import blas
@@ -26,35 +28,51 @@ from openelm_mlx.bench import speed as bench
 from openelm_mlx.model.config import OpenELMConfig
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
-ROOT = Path(__file__).resolve().parents[1]
-
-SINGLE = """
-import sys, time, json
-sys.path.insert(0, {root!r})
-import openelm_mlx
-import mlx.core as mx
-from openelm_mlx import load_model
-try:
-    from openelm_mlx.generation.generate import generate_tokens
-except ImportError:
-    from openelm_mlx.generate import generate_tokens
-model = load_model({folder!r})
-ids = list(range(3, 3 + {p}))
-list(generate_tokens(model, ids, max_tokens=8))
-tic = time.perf_counter(); n = 0
-first = None
-for t in generate_tokens(model, ids, max_tokens={g}, eos_ids=()):
-    n += 1
-    if first is None:
-        first = time.perf_counter()
-print(json.dumps({{"tok_s": (n - 1) / (time.perf_counter() - first)}}))
-"""
 
 
-def single_stream(root: Path, folder: Path, p: int, g: int) -> float:
-    code = SINGLE.format(root=str(root), folder=str(folder), p=p, g=g)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
-    return json.loads(out.stdout.strip().splitlines()[-1])["tok_s"]
+def import_beside(checkout: Path, tmp: Path) -> ModuleType:
+    """An older checkout's package imported beside ours, as `openelm_baseline` (a copy with its imports renamed), so
+    both run in one process and can be measured token by token in turn."""
+    copy = tmp / "openelm_baseline"
+    shutil.copytree(checkout / "openelm_mlx", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in copy.rglob("*.py"):
+        f.write_text(f.read_text().replace("openelm_mlx", "openelm_baseline"))
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("openelm_baseline")
+
+
+def _generate_tokens(package: ModuleType) -> Callable[..., Iterator[int]]:
+    for name in ("generation.generate", "generate"):  # the module moved in round 3
+        try:
+            return importlib.import_module(f"{package.__name__}.{name}").generate_tokens
+        except ImportError:
+            continue
+    raise ImportError(f"no generate_tokens in {package.__file__}")
+
+
+def single_stream(baseline: ModuleType, folder: Path, p: int, g: int, repeats: int) -> dict[str, list[float]]:
+    """Decode tokens/s of one stream from each package on the same weights, their tokens interleaved one by one (so
+    the machine's drift hits both alike): `repeats` runs of `g` tokens after a `p`-token prompt (its first token,
+    which includes the prompt, not counted)."""
+    packages = {"ours": openelm_mlx, "baseline": baseline}
+    models = {k: pkg.load_model(folder) for k, pkg in packages.items()}
+    generate_tokens = {k: _generate_tokens(pkg) for k, pkg in packages.items()}
+    ids = list(range(3, 3 + p))
+    rates: dict[str, list[float]] = {k: [] for k in packages}
+    for run in range(repeats + 1):  # the first run warms both up (traces)
+        streams = {k: generate_tokens[k](models[k], ids, max_tokens=g, eos_ids=()) for k in packages}
+        for stream in streams.values():
+            next(stream)
+        seconds = dict.fromkeys(packages, 0.0)
+        for i in range(g - 1):
+            for k in ("ours", "baseline") if i % 2 else ("baseline", "ours"):
+                tic = time.perf_counter()
+                next(streams[k])
+                seconds[k] += time.perf_counter() - tic
+        if run:
+            for k in packages:
+                rates[k].append((g - 1) / seconds[k])
+    return rates
 
 
 def batch_vs_sequential(model, n: int, g: int, repeats: int) -> dict[str, float]:
@@ -91,6 +109,7 @@ def main() -> None:
     parser.add_argument("-p", "--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", type=Path, default=None, help="an older checkout of this repo")
+    parser.add_argument("--single-tokens", type=int, default=300, help="tokens per single-stream run")
     args = parser.parse_args()
     if args.arch == "demo":
         from openelm_mlx import load_model
@@ -109,10 +128,9 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = DEMO_DIR if args.arch == "demo" else save(model, Path(tmp) / "m")
-            ours, theirs = [], []
-            for _ in range(args.repeats):
-                theirs.append(single_stream(args.baseline, folder, args.prompt_tokens, args.gen_tokens))
-                ours.append(single_stream(ROOT, folder, args.prompt_tokens, args.gen_tokens))
+            baseline = import_beside(args.baseline, Path(tmp))
+            rates = single_stream(baseline, folder, args.prompt_tokens, args.single_tokens, args.repeats)
+        ours, theirs = rates["ours"], rates["baseline"]
         ratio = statistics.median(o / t for o, t in zip(ours, theirs))
         row["single_stream"] = {"ours_tok_s": statistics.median(ours), "baseline_tok_s": statistics.median(theirs),
                                 "ratio": ratio, "baseline": str(args.baseline)}  # fmt: skip

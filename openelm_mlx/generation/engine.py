@@ -75,7 +75,7 @@ class Row:
             ends, holding every token fed: all of `prompt` and `tokens`, but the last token when the row did not end
             on EOS (an EOS is never fed). With `max_kv_size`, the batch's rotating window keeps no first tokens
             (mlx-lm's BatchRotatingKVCache has no `keep`).
-        logprobs: keep each step's log-probabilities (a (V,) array per token) in `step_logprobs`.
+        logprobs: keep each step's log-probabilities: `step_logprobs` is the last token's, a (V,) array.
         on_token: called with (row, token) from the engine loop; an exception there ends only this row.
     """
 
@@ -86,13 +86,13 @@ class Row:
     logprobs: bool = False
     on_token: Callable[[Row, int], bool | None] | None = None
     tokens: list[int] = field(default_factory=list)
-    step_logprobs: mx.array | None = None
     finish_reason: str | None = None  # "eos", "length", "stop" (on_token returned True), "cancelled", "error"
     error: BaseException | None = None
     cached_tokens: int = 0  # prompt tokens taken from the engine's prompt cache
     sampler: RowSampler = field(init=False)
     held: int = field(init=False, default=0)  # tokens `cache` held before `prompt`
     room: int | None = field(init=False, default=None)  # tokens left in the model's context (None: rotating cache)
+    step_logits: tuple[mx.array, int] | None = field(init=False, default=None, repr=False)  # (the step's logits, row)
 
     def __post_init__(self) -> None:
         self.sampler = RowSampler(self.config)
@@ -103,6 +103,15 @@ class Row:
 
     def history(self) -> list[int]:
         return self.prompt + self.tokens
+
+    @property
+    def step_logprobs(self) -> mx.array | None:
+        """The last token's log-probabilities over the vocabulary (V,), for rows made with `logprobs=True`; made when
+        read (a lazy graph per token cost a single stream 1% when nobody read it)."""
+        if self.step_logits is None:
+            return None
+        logits, i = self.step_logits
+        return _logprobs(logits[i])
 
 
 @dataclass(eq=False)
@@ -436,7 +445,7 @@ class Engine:
                 continue
             made += 1
             try:
-                self._advance(row, token, _logprobs(step.logits[i]) if row.logprobs else None)
+                self._advance(row, token, (step.logits, i) if row.logprobs else None)
             except Exception as e:  # noqa: BLE001 - one row's failure ends that row only
                 row.finish_reason, row.error = "error", e
         self.stats.generated_tokens += made
@@ -448,12 +457,12 @@ class Engine:
             logits = proc(history, logits)
         return logits
 
-    def _advance(self, row: Row, token: int, logprobs: mx.array | None) -> None:
+    def _advance(self, row: Row, token: int, logits: tuple[mx.array, int] | None) -> None:
         if token in row.eos_ids:  # never fed: the cache holds the prompt and every token before it
             row.finish_reason = "eos"
             return
         row.tokens.append(token)
-        row.step_logprobs = logprobs
+        row.step_logits = logits
         if row.on_token is not None and row.on_token(row, token):
             row.finish_reason = "stop"
         elif len(row.tokens) >= row.config.max_tokens or (row.room is not None and len(row.tokens) >= row.room):

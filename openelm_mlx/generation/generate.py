@@ -109,9 +109,11 @@ def token_steps(
     draft_model: nn.Module | None = None,
     prompt_cache: list[Any] | None = None,
     on_token: Callable[[int], bool] | None = None,
-) -> Iterator[tuple[int, mx.array, bool]]:
+    logprobs: bool = True,
+) -> Iterator[tuple[int, mx.array | None, bool]]:
     """Yield (token, logprobs, from_draft) until an id in `eos_ids` (not yielded), `max_tokens`, or `on_token`
-    returning True (that token is yielded, then the stream ends).
+    returning True (that token is yielded, then the stream ends). With `logprobs=False` the engine's steps yield None
+    for them.
 
     `prompt_cache` holds the context before `prompt_ids` and is extended in place; it then holds every token fed: the
     prompt and all generated tokens but the last (and EOS is not fed).
@@ -128,7 +130,7 @@ def token_steps(
         return
     engine = Engine(model, max_batch=1, max_kv_size=config.max_kv_size)
     stop = None if on_token is None else (lambda row, token: on_token(token))
-    row = engine.add(Row(list(prompt_ids), config, frozenset(eos_ids), prompt_cache, logprobs=True, on_token=stop))
+    row = engine.add(Row(list(prompt_ids), config, frozenset(eos_ids), prompt_cache, logprobs=logprobs, on_token=stop))
     seen = 0
     try:
         while engine.busy:
@@ -167,7 +169,7 @@ def generate_tokens(
     config = resolve_config(config, settings)
     eos = set(eos_ids) if eos_ids is not None else {model.config.eos_token_id}
     for token, _, _ in token_steps(
-        model, prompt_ids, config, eos_ids=eos, draft_model=draft_model, prompt_cache=prompt_cache
+        model, prompt_ids, config, eos_ids=eos, draft_model=draft_model, prompt_cache=prompt_cache, logprobs=False
     ):
         yield token
 

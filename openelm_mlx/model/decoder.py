@@ -56,25 +56,37 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(self.n_heads * head_dim, D, bias=False)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None, kernels: Kernels = FUSED) -> mx.array:
-        B, L, _ = x.shape
+        """x (B, L, D), or (B, D) for one position per row: the compiled decode step's input, as a 3-D input costs
+        each projection a flatten and an unflatten."""
+        B, L = (x.shape[0], 1) if x.ndim == 2 else x.shape[:2]
         heads = self.n_heads + 2 * self.n_kv_heads
         if L == 1:  # a decode step: the transpose is a reshape (no strided copies; 5% of a demo-model step)
             qkv = self.qkv_proj(x).reshape(B, heads, 1, self.head_dim)
         else:
             qkv = self.qkv_proj(x).reshape(B, L, heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, heads, L, head_dim)
-        q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
-        if "q_norm" in self:
-            q, k = self.q_norm(q), self.k_norm(k)
-        offset = cache.offset if cache is not None else 0
-        q, k = (
-            kernels.rope(q, self.head_dim, self.rope_base, offset),
-            kernels.rope(k, self.head_dim, self.rope_base, offset),
-        )
+        qk, v = mx.split(qkv, [self.n_heads + self.n_kv_heads], axis=1)  # q and k heads together
+        if "q_norm" in self:  # q_norm on the query heads and k_norm on the key heads, in one pass
+            qk = mx.fast.rms_norm(qk, None, self.q_norm.eps) * self._qk_norm_weight()
+        # q and k sit at the same positions: one rotation for both (with the joint norm, a demo-model decode step
+        # took 3% less time than with a norm and a rotation each)
+        qk = kernels.rope(qk, self.head_dim, self.rope_base, cache.offset if cache is not None else 0)
+        q, k = mx.split(qk, [self.n_heads], axis=1)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = kernels.attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        out = (out if L == 1 else out.transpose(0, 2, 1, 3)).reshape(B, L, -1)  # (B, L, n_heads * head_dim)
+        out = (out if L == 1 else out.transpose(0, 2, 1, 3)).reshape(*x.shape[:-1], -1)  # (B, L, n_heads * head_dim)
         return self.out_proj(out)
+
+    def _qk_norm_weight(self) -> mx.array:
+        """q_norm's weight for each query head above k_norm's for each key head: (n_heads + n_kv_heads, 1, head_dim).
+        (Both norms take the config's one epsilon.)"""
+        head = (1, self.head_dim)
+        return mx.concatenate(
+            [
+                mx.broadcast_to(self.q_norm.weight, (self.n_heads, *head)),
+                mx.broadcast_to(self.k_norm.weight, (self.n_kv_heads, *head)),
+            ]
+        )
 
 
 class FeedForward(nn.Module):
@@ -124,17 +136,18 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
 
     def __call__(self, tokens: mx.array, cache: list[Any] | None = None, kernels: Kernels = FUSED) -> mx.array:
-        h = self.token_embeddings(tokens)
+        h = self.token_embeddings(tokens)  # (B, L, D), or (B, D) from tokens (B,): one per row
         if cache is None:
             cache = [None] * len(self.layers)
-        mask = create_attention_mask(h, cache[0])
+        mask = create_attention_mask(h if h.ndim == 3 else h[:, None], cache[0])
         for layer, layer_cache in zip(self.layers, cache):
             h = layer(h, mask, layer_cache, kernels)
         return self.norm(h)
 
 
 class Model(nn.Module):
-    """OpenELM causal LM: `model(tokens (B, L), cache=None) -> logits (B, L, vocab_size)`.
+    """OpenELM causal LM: `model(tokens (B, L), cache=None) -> logits (B, L, vocab_size)`; tokens (B,), one
+    position per row after the cache, give logits (B, vocab_size).
 
     `cache` is a list with one KV cache per layer made outside the model, e.g. by
     `mlx_lm.models.cache.make_prompt_cache(model)`.

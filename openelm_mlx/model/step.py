@@ -53,14 +53,20 @@ def _power_attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: f
     """
     B, n_heads, L, head_dim = q.shape
     n_kv_heads = k.shape[1]
-    q = (q * scale).reshape(B, n_kv_heads, n_heads // n_kv_heads * L, head_dim)  # query heads by shared kv head
-    scores = (q @ k.swapaxes(-1, -2)).reshape(B, n_heads, L, -1)
+    group = n_heads // n_kv_heads
+    q = (q * scale).reshape(B, n_kv_heads, group * L, head_dim)  # query heads by shared kv head
+    scores = q @ k.swapaxes(-1, -2)  # (B, n_kv_heads, group * L, S)
+    # One query position and a mask the same for every head: the mask broadcasts over the grouped layout as it is
+    # (two reshapes fewer per layer in a decode step).
+    grouped = L == 1 and (mask is None or mask.ndim < 3 or mask.shape[-3] == 1)
+    if not grouped:
+        scores = scores.reshape(B, n_heads, L, -1)
     if mask is not None:
         scores = mx.where(mask, scores, -mx.inf)
     s = scores.astype(mx.float32)
     e = power_exp(s - s.max(axis=-1, keepdims=True))
     probs = (e / e.sum(axis=-1, keepdims=True)).astype(q.dtype)
-    out = probs.reshape(B, n_kv_heads, n_heads // n_kv_heads * L, -1) @ v
+    out = (probs if grouped else probs.reshape(B, n_kv_heads, group * L, -1)) @ v
     return out.reshape(B, n_heads, L, head_dim)
 
 
@@ -108,8 +114,8 @@ WINDOW_STEP = 64  # attention reads the cache's first columns in multiples of th
 
 
 class _StepCache:
-    """One layer's cache inside the traced step: preallocated buffers, the column this step writes, and each row's
-    position (for RoPE) and first valid column (left padding), all arrays so one trace serves every step. Attention
+    """One layer's cache inside the traced step: preallocated buffers, the column this step writes, each row's first
+    valid column (left padding) and so its position (for RoPE), all arrays so one trace serves every step. Attention
     reads the first `window` columns (those written, rounded up), not the whole buffer: at batch 8 on the demo model a
     step over 256 columns took 2.8 ms and over 64 columns 2.3 ms."""
 
@@ -132,21 +138,22 @@ class _StepCache:
 
 
 def _step_fn(holder: list[Model], exp: Exp) -> Any:
-    """The function to compile: (tokens (B, 1), column, offsets (B,), starts (B,), window, keys, values) ->
+    """The function to compile: (tokens (B, 1), column (1,), starts (B,) or (1,), window, keys, values) ->
     (logits (B, 1, V), keys, values), on the model in `holder` (whose weights are the trace's implicit inputs).
+    A row's position is `column - start`, as in mlx-lm's BatchKVCache (`offset == _idx - left_padding`).
     `window` is an array whose length is the attention window: an input shape, so each width is its own trace."""
 
     def step(
         tokens: mx.array,
         column: mx.array,
-        offset: mx.array,
         start: mx.array,
         window: mx.array,
         keys: list,
         values: list,
     ):
+        offset = column - start  # one array for every layer: RopeTables makes its tables once
         caches = [_StepCache(k, v, column, offset, start, window.shape[0]) for k, v in zip(keys, values)]
-        logits = holder[0](tokens, caches, _kernels(exp))
+        logits = holder[0](tokens[:, 0], caches, _kernels(exp))[:, None]  # rows of (B, D) inside: see Attention
         return logits, [c.keys for c in caches], [c.values for c in caches]
 
     return step
@@ -182,6 +189,12 @@ def _round_capacity(cache: list[Any]) -> None:
         pad = [(0, 0), (0, 0), (0, extra), (0, 0)]
         for c in cache:
             c.keys, c.values = mx.pad(c.keys, pad), mx.pad(c.values, pad)
+
+
+@functools.cache
+def _zeros(n: int) -> mx.array:
+    """No left padding for `n` rows (made once: an array made per step costs the step its making)."""
+    return mx.zeros((n,), dtype=mx.int32)
 
 
 @functools.cache
@@ -222,10 +235,14 @@ def _compiled_step(model: Model, exp: Exp) -> _CompiledStep:
 def _trace_key(model: Model, tokens: mx.array, keys: mx.array, window: int) -> tuple:
     """What makes MLX trace the step again: input shapes and dtypes, and which modules the weights sit in (the
     projections of the first and last layer, the embedding and head, where quantization and adapters go)."""
-    first, last = model.layers[0], model.layers[-1]
-    modules = [model.transformer.token_embeddings, model.__dict__.get("lm_head")]
-    for layer in (first, last):
-        modules += [layer.attn.qkv_proj, layer.attn.out_proj, layer.ffn.proj_1, layer.ffn.proj_2]
+    # Read as dict items (modules are dicts): attribute access on a module costs a Python call each, and this runs
+    # at every step.
+    transformer = model["transformer"]
+    layers = transformer["layers"]
+    modules = [transformer["token_embeddings"], model.get("lm_head")]
+    for layer in (layers[0], layers[-1]):
+        attn, ffn = layer["attn"], layer["ffn"]
+        modules += [attn["qkv_proj"], attn["out_proj"], ffn["proj_1"], ffn["proj_2"]]
     return (tokens.shape, tokens.dtype, keys.shape, keys.dtype, window, *map(id, modules))
 
 
@@ -258,11 +275,9 @@ class CompiledDecoder:
             return model(tokens, cache)
         kind, column = layout
         _round_capacity(cache)
-        B = tokens.shape[0]
-        if kind is KVCache:
-            offset, start = mx.full((B,), column, dtype=mx.int32), mx.zeros((B,), dtype=mx.int32)
-        else:
-            offset, start = cache[0].offset.astype(mx.int32), cache[0].left_padding.astype(mx.int32)
+        column_array = mx.array([column], dtype=mx.int32)
+        # A plain cache's rows are all at `column`, none padded: (1,) broadcasts over the rows.
+        start = _zeros(1) if kind is KVCache else cache[0].left_padding.astype(mx.int32)
         window = min(cache[0].keys.shape[2], (column // WINDOW_STEP + 1) * WINDOW_STEP)
         key = _trace_key(model, tokens, cache[0].keys, window)
         # While MLX traces, the model holds placeholder arrays; an exception there (Ctrl-C in `chat`) would leave
@@ -274,7 +289,7 @@ class CompiledDecoder:
         self._compiled.holder.append(model)
         try:
             logits, new_keys, new_values = self._compiled.fn(
-                tokens, mx.array(column, dtype=mx.int32), offset, start, _window_array(window), keys, values
+                tokens, column_array, start, _window_array(window), keys, values
             )
         except BaseException:
             for c, k, v in zip(cache, keys, values):
@@ -285,10 +300,16 @@ class CompiledDecoder:
         finally:
             self._compiled.holder.clear()
         self._compiled.traced.add(key)
+        # A batch cache's offsets are made from its padding, not added to (`offset + 1` at every step made a lazy
+        # chain per layer), once for all layers; each layer gets its own handle on them (`mx.array(a)` shares `a`'s
+        # data), as an in-place `offset += n` on one layer must not move the others.
+        new_offset = None if kind is KVCache else (column + 1) - start
         for c, k, v in zip(cache, new_keys, new_values):
-            c.keys, c.values, c.offset = k, v, c.offset + 1
-            if kind is BatchKVCache:
-                c._idx = column + 1
+            c.keys, c.values = k, v
+            if kind is KVCache:
+                c.offset = column + 1
+            else:
+                c.offset, c._idx = mx.array(new_offset), column + 1
         return logits
 
 
