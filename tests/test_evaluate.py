@@ -252,6 +252,8 @@ def test_cli_cloze_table_and_output_rules(tmp_path, shakespeare_path):
         (["--tasks", "cloze"], "--data: is needed by the cloze task"),
         (["--tasks", " , "], "--tasks: names no task"),
         (["--tasks", "cloze", "--data", "MISSING"], "missing.txt: no such file"),
+        (["--tasks", "cloze", "--data", "X", "--batch-size", "1025"], "--batch-size: must be <= 1024, got 1025"),
+        (["--tasks", "cloze", "--data", "X", "-o", "X/out.json"], "next_line.yaml is not a folder"),
     ],
 )
 def test_cli_bad_options_are_one_line(args, message, tmp_path):
@@ -272,6 +274,24 @@ def test_cloze_needs_no_lm_eval(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| cloze | acc |" in result.stdout
+
+
+@needs_lm_eval
+def test_more_shots_than_a_task_has_examples_is_one_line():
+    result = _cli("--tasks", str(TASK_YAML), "--num-fewshot", "41", "--limit", "2")
+    assert result.exit_code == 1, result.output
+    assert "--num-fewshot: 41 is more than task shakespeare_next_line has 40 examples to draw" in result.output
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
+
+
+def test_cloze_line_longer_than_the_context_is_named_by_file_and_line(tmp_path):
+    data = tmp_path / "t.txt"
+    lines = [f"a line of text number {i}" for i in range(40)]
+    lines[25] = "word " * 600
+    data.write_text("\n".join(lines))
+    result = _cli("--tasks", "cloze", "--data", str(data))
+    assert result.exit_code == 1 and f"{data}:26: 60" in result.output, result.output
+    assert "more than the model's context of 512" in result.output
 
 
 @needs_lm_eval

@@ -12,6 +12,7 @@ from ._app import app, user_errors
 from .generate import AdapterOpt, ModelOpt, TokenizerOpt, load_for_generation
 
 EVAL_EXTRA = "pip install 'openelm-mlx[eval]'"
+MAX_BATCH_SIZE = 1024  # rows per forward pass; each holds up to a context of activations and logits
 
 
 @app.command()
@@ -71,7 +72,7 @@ def _check_options(
 ) -> list[str]:
     check_range("num_fewshot", num_fewshot, 0, integer=True)
     check_range("limit", limit, 1, integer=True)
-    check_range("batch_size", batch_size, 1, integer=True)
+    check_range("batch_size", batch_size, 1, MAX_BATCH_SIZE, integer=True)
     check_range("seed", seed, 0, 2**63 - 1, integer=True)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:

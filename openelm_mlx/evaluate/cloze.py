@@ -4,7 +4,7 @@ elsewhere in the file), scored with `scoring.loglikelihood`; no lm-eval needed."
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 import mlx.nn as nn
 
 from ..errors import DataError, check_range
-from ..training.data import read_documents
+from ..training.data import JSONL_SUFFIXES, read_documents
 from .scoring import encode_pair, loglikelihood, mean_stderr
 
 CONTEXT_LINES = 4
@@ -101,14 +101,30 @@ def _distractors(
 
 
 def score_cloze(
-    model: nn.Module, tokenizer: Any, items: Sequence[ClozeItem], batch_size: int = 16, progress: bool = False
+    model: nn.Module,
+    tokenizer: Any,
+    items: Sequence[ClozeItem],
+    batch_size: int = 16,
+    progress: bool = False,
+    where: Callable[[str], str] = lambda line: f"the line {line[:40]!r}",
 ) -> ClozeResult:
-    """Accuracy of `model` on `items`: each choice is a continuation of the item's context (BOS once)."""
+    """Accuracy of `model` on `items`: each choice is a continuation of the item's context (BOS once).
+
+    Raises:
+        DataError: no items, or a choice longer than the model's context (named by `where(line)`).
+    """
     if not items:
         raise DataError("no cloze items to score")
     choices = [c for item in items for c in item.choices]
     requests = [encode_pair(tokenizer, item.context, c) for item in items for c in item.choices]
     requests += [encode_pair(tokenizer, LINE_START, c) for c in choices]
+    limit = model.config.max_context_length
+    for (_, continuation), line in zip(requests, choices * 2):
+        if len(continuation) > limit:  # scoring never cuts a continuation
+            raise DataError(
+                f"{where(line)}: {len(continuation)} tokens, more than the model's context of {limit}; a line is "
+                "scored whole"
+            )
     scores = [s.logprob for s in loglikelihood(model, requests, batch_size, progress)]
     conditional, unconditional = scores[: len(choices)], scores[len(choices) :]
     acc: list[float] = []
@@ -153,4 +169,10 @@ def evaluate_cloze(
         DataError: naming the file when it is missing, empty, binary or too short.
     """
     text = "\n".join(read_documents([path]))
-    return score_cloze(model, tokenizer, make_cloze_items(text, str(path), limit, seed), batch_size, progress)
+    lines = [] if Path(path).suffix in JSONL_SUFFIXES else text.splitlines()  # a text file's lines are the file's
+
+    def where(line: str) -> str:
+        return f"{path}:{lines.index(line) + 1}" if line in lines else f"{path}: the line {line[:40]!r}"
+
+    items = make_cloze_items(text, str(path), limit, seed)
+    return score_cloze(model, tokenizer, items, batch_size, progress, where)

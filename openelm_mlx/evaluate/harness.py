@@ -10,10 +10,11 @@ command line with the model registered.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,47 @@ def load_tasks(specs: Sequence[Any], manager: Any) -> list[Any]:
     return loaded
 
 
+@contextlib.contextmanager
+def _no_git_probe() -> Iterator[None]:
+    """lm-eval records the git commit of the current folder by running `git describe`, which prints "fatal: not a
+    git repository" outside one; the folder the user runs from says nothing about the model, so it is not asked."""
+    from lm_eval import evaluator
+
+    probe = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = probe
+
+
+def _check_fewshot(tasks: Sequence[Any], num_fewshot: int | None) -> None:
+    """Each task has the examples its few-shot prompts draw (lm-eval draws one more when they come from the evaluated
+    split, to leave the evaluated example out); lm-eval itself fails mid-run with "Sample larger than population".
+
+    Raises:
+        OptionError: `num_fewshot` is more than a task can draw. DataError: a task file's own num_fewshot is.
+    """
+    for task in tasks:
+        if not hasattr(task, "fewshot_docs"):  # a group: its tasks are in `tasks` too
+            continue
+        config = task.config
+        shots = num_fewshot if num_fewshot is not None else config.num_fewshot
+        if not shots:
+            continue
+        docs = task.fewshot_docs()
+        if docs is None:
+            continue
+        fewshot_split = getattr(getattr(task, "fewshot_cfg", None), "split", None)
+        same = fewshot_split is not None and fewshot_split == config.test_split
+        have = len(docs) - (1 if same else 0)
+        if shots > have:
+            what = f"task {config.task} has {have} examples to draw" + (" (the evaluated one left out)" if same else "")
+            if num_fewshot is None:
+                raise DataError(f"{what}, fewer than its num_fewshot of {shots}")
+            raise OptionError("num_fewshot", f"{shots} is more than {what}")
+
+
 def run_tasks(
     lm: OpenELMLM,
     specs: Sequence[Any],
@@ -278,18 +320,21 @@ def run_tasks(
 
     check_range("num_fewshot", num_fewshot, 0, integer=True)
     check_range("limit", limit, 1, integer=True)
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=load_tasks(specs, manager),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        random_seed=None,
-        numpy_random_seed=None,
-        torch_random_seed=None,
-        fewshot_random_seed=seed,
-        log_samples=False,
-    )
+    tasks = load_tasks(specs, manager)
+    _check_fewshot(tasks, num_fewshot)
+    with _no_git_probe():
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            random_seed=None,
+            numpy_random_seed=None,
+            torch_random_seed=None,
+            fewshot_random_seed=seed,
+            log_samples=False,
+        )
 
 
 def evaluate_tasks(lm: OpenELMLM, names: Sequence[str], **settings: Any) -> dict[str, Any]:
