@@ -395,8 +395,7 @@ def export_gguf(
         raise OptionError("outtype", f"must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     _require_gguf()
     src = Path(src)
-    inputs = sorted(src.iterdir()) if src.is_dir() else [src]
-    dst = check_output_file(dst, force, inputs, "model's files", "GGUF file")
+    dst = check_output_file(dst, force, [src], "inputs", "GGUF file")
     if OUTTYPES[outtype][0] in NEEDS_LLAMA_CPP:
         _llama_cpp(outtype)
     model = load_model(src, lazy=True)

@@ -430,6 +430,9 @@ def test_a_model_is_never_written_over_its_own_source(tmp_path, command):
     extra = ["--bits", "4"] if command == "quantize" else []
     one_error(run(command, src, "-o", src, *extra), "is also an input")
     one_error(run(command, src, "-o", src, "--force", *extra), "is also an input")
+    if command == "export":
+        gguf = ["--format", "gguf", "--force"]
+        one_error(run(command, src, "-o", src / "m.gguf", *gguf), "m.gguf is inside", "write the GGUF file elsewhere")
     assert snapshot(src) == before
 
 

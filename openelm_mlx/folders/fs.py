@@ -281,6 +281,7 @@ def check_output_file(
     for given in inputs:
         if _inside(path, Path(given)):
             raise OptionError(option, f"{path} is inside {given}, one of the {inputs_are}; write the {what} elsewhere")
+    _check_parent(path, option)
     if not path.exists() and not path.is_symlink():
         return path
     if any(path.exists() and Path(f).exists() and os.path.samefile(path, f) for f in inputs):
@@ -290,6 +291,23 @@ def check_output_file(
     if not force:
         raise OptionError("force", f"is needed to replace the existing file {path}")
     return path
+
+
+def _check_parent(path: Path, option: str) -> None:
+    """The folder `path` goes in can take a new file: its nearest existing ancestor is a folder, and the folder
+    itself (when it exists) lets a file be made in it (tried: access rights do not tell on read-only mounts).
+    A missing folder is made when the file is written."""
+    folder = next(p for p in path.absolute().parents if p.exists() or p == p.parent)
+    if not folder.is_dir():
+        raise OptionError(option, f"{path}: {folder} is not a folder")
+    if folder != path.absolute().parent:
+        return
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.probe-")
+    except OSError as e:
+        raise OptionError(option, f"{path}: cannot make a file in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -310,8 +328,11 @@ def write_file_atomic(path: str | Path, text: str) -> None:
 def atomic_output_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write; on success it is renamed onto `path`, on error removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    except OSError as e:  # named by the user's path, not the temporary one
+        raise WriteError(f"{path}: could not write the file: {e.strerror or e}; nothing was changed") from None
     os.close(fd)
     try:
         with named_write_errors(path, "the file"):
