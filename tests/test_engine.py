@@ -270,6 +270,37 @@ def test_cli_several_prompts_bad_input(args, message):
 
 
 @pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"one\0two\n", "holds NUL bytes"),
+        (b"caf\xe9\n", "is not UTF-8 text (byte 3)"),
+        (b"first\n\nthird\n", "prompts.txt:2: an empty line"),
+        (b"short\n" + b"word " * 600 + b"\n", "prompts.txt:2: the prompt has"),
+        (b"\n \n", "holds no prompt"),
+    ],
+)
+def test_cli_prompts_file_is_checked_line_by_line(tmp_path, content, message):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(content)
+    result = CliRunner().invoke(app, ["generate", "--max-tokens", "2", "--prompts-file", str(prompts)])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
+
+
+def test_cli_prompts_file_from_stdin_and_empty_stop(demo):
+    model, tok = demo
+    answers = [generate(model, tok, t, max_tokens=6) for t in ("ROMEO:", "JULIET:")]
+    result = CliRunner().invoke(app, ["generate", "--max-tokens", "6", "--prompts-file", "-", "--json"],
+                                input="ROMEO:\nJULIET:\n\n")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == answers
+    twice = CliRunner().invoke(app, ["generate", "--prompt", "-", "--prompts-file", "-"], input="x\n")
+    assert twice.exit_code == 1 and "'-' (stdin) can be given once" in twice.output
+    empty = CliRunner().invoke(app, ["generate", "--prompt", "x", "--stop", ""])
+    assert empty.exit_code == 1 and "--stop: is empty" in empty.output
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--max-batch", "0"], "--max-batch: must be >= 1"),

@@ -378,6 +378,13 @@ def test_adapter_config_fields_are_checked(adapters, tmp_path, field, value, mes
     one_error(run("fuse", "--model", DEMO_DIR, "--adapter-path", folder, "-o", tmp_path / "f"), message)
 
 
+def test_an_adapter_config_without_its_fields_says_so(adapters, tmp_path):
+    folder = _copy(adapters, tmp_path)
+    (folder / "adapter_config.json").write_text("{}")
+    result = run("generate", "--adapter-path", folder, "--prompt", "x", "--max-tokens", "2")
+    one_error(result, "adapter_config.json", 'misses "num_layers" and "lora_parameters"')
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_adapters_are_refused_by_generate_and_fuse_alike(adapters, tmp_path, bad):
     import mlx.core as mx

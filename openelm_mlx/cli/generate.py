@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
 
 from ..bench import blas
-from ..errors import OptionError
+from ..errors import DataError, OptionError
 from ..folders.io import parse_dtype
 from ..generation.generate import GenerationConfig
 from ._app import app, model_or_demo, read_stdin_text, settings_options, user_errors
@@ -103,7 +104,7 @@ def generate(
     ] = None,
     prompts_file: Annotated[
         str | None,
-        typer.Option(help="A text file with one prompt per line (empty lines skipped), decoded together."),
+        typer.Option(help="A UTF-8 text file ('-': stdin) with one prompt per line, decoded together."),
     ] = None,
     json_lines: Annotated[
         bool,
@@ -129,19 +130,20 @@ def generate(
     from ..generation.generate import stream_generate
 
     with user_errors(tokenizer_option=True):
-        config = GenerationConfig(**settings)
+        config = _generation_config(settings)
         if draft_model is None and config.num_draft_tokens != GenerationConfig.num_draft_tokens:
             raise OptionError("num_draft_tokens", "takes effect only with a draft model")
         if dtype is not None:
             parse_dtype(dtype)
-        prompts = _read_prompts(prompt or [], prompts_file)
+        sources, prompts = zip(*_read_prompts(prompt or [], prompts_file))
         if json_lines and len(prompts) == 1 and prompts_file is None:
             raise OptionError("json", "takes effect with several prompts (--prompt repeated or --prompts-file)")
         if len(prompts) > 1 or prompts_file is not None:
             if draft_model is not None:
                 raise OptionError("draft_model", "is a single-prompt feature (speculative decoding)")
             m, tok, _ = load_for_generation(model, tokenizer, adapter_path, None, dtype)
-            _generate_many(m, tok, prompts, config, system, chat, json_lines, verbose)
+            _check_fit(m, tok, sources, prompts, system, chat)
+            _generate_many(m, tok, list(prompts), config, system, chat, json_lines, verbose)
             return
         prompt = prompts[0]
         m, tok, draft = load_for_generation(model, tokenizer, adapter_path, draft_model, dtype)
@@ -156,25 +158,64 @@ def generate(
             _print_stats(last, drafted, draft is not None)
 
 
-def _read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
-    """The prompts of --prompt (stdin for '-') and --prompts-file, in order; at least one."""
+def _generation_config(settings: dict[str, Any]) -> GenerationConfig:
+    """The command line's settings; an empty --stop, which the library (and the server) skip, is refused here."""
+    if "" in (settings.get("stop") or ()):
+        raise OptionError("stop", "is empty; a stop string needs at least one character")
+    return GenerationConfig(**settings)
+
+
+def _read_prompts(prompts: list[str], prompts_file: str | None) -> list[tuple[str, str]]:
+    """The prompts of --prompt (stdin for '-') and --prompts-file ('-': stdin), in order, each with where it came
+    from ("--prompt" or FILE:LINE); at least one."""
     from ..folders.fs import require_regular_file
 
-    if prompts.count("-") > 1:
+    if [*prompts, prompts_file].count("-") > 1:
         raise OptionError("prompt", "'-' (stdin) can be given once")
-    out = [read_stdin_text() if p == "-" else p for p in prompts]
+    out = [("--prompt", read_stdin_text() if p == "-" else p) for p in prompts]
     if prompts_file is not None:
         from pathlib import Path
 
-        path = require_regular_file(Path(prompts_file))
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        lines = [line for line in text.splitlines() if line.strip()]
-        if not lines:
-            raise OptionError("prompts_file", f"{path} holds no prompt (one per line)")
-        out += lines
+        name = "stdin" if prompts_file == "-" else str(require_regular_file(Path(prompts_file)))
+        data = sys.stdin.buffer.read() if prompts_file == "-" else Path(prompts_file).read_bytes()
+        out += _prompt_lines(name, data)
     if not out:
         raise OptionError("prompt", "is required (or --prompts-file)")
     return out
+
+
+def _prompt_lines(name: str, data: bytes) -> list[tuple[str, str]]:
+    """One prompt per line of a UTF-8 text file: a blank line inside it is refused (answers are written one per line,
+    so line N of the output answers line N of the file); blank lines at its end are not prompts."""
+    if b"\0" in data:
+        raise DataError(f"{name}: holds NUL bytes; --prompts-file takes a text file, one prompt per line")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: is not UTF-8 text (byte {e.start}); one prompt per line") from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise OptionError("prompts_file", f"{name} holds no prompt (one per line)")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise DataError(f"{name}:{number}: an empty line; one prompt per line, each answered on its line")
+    return [(f"{name}:{number}", line) for number, line in enumerate(lines, 1)]
+
+
+def _check_fit(m: Any, tok: Any, sources: Sequence[str], prompts: Sequence[str], system: Any, chat: Any) -> None:
+    """Every prompt fits the model's context; one that does not is named by where it came from (FILE:LINE)."""
+    from ..generation.generate import encode_prompt
+    from ..generation.settings import check_context
+
+    for source, p in zip(sources, prompts):
+        try:
+            check_context(m, encode_prompt(tok, p, system, chat))
+        except OptionError as e:
+            if source == "--prompt":
+                raise
+            raise DataError(f"{source}: the prompt {e.detail}") from None
 
 
 def _generate_many(
@@ -218,7 +259,7 @@ def chat(
     from ..generation.chat import ChatSession
 
     with user_errors(tokenizer_option=True):
-        config = GenerationConfig(**settings)
+        config = _generation_config(settings)
         if dtype is not None:
             parse_dtype(dtype)
         m, tok, _ = load_for_generation(model, tokenizer, adapter_path, dtype=dtype)

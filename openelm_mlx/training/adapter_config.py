@@ -57,6 +57,9 @@ def parse_adapter_config(
     if not _whole(version) or not 0 <= version <= format_version:
         raise CheckpointError(f"{path}: format_version {version!r:.60} is not one this openelm-mlx reads")
     num_layers, p = raw.get("num_layers"), raw.get("lora_parameters")
+    missing = [f'"{k}"' for k in ("num_layers", "lora_parameters") if k not in raw]
+    if missing:
+        raise CheckpointError(f"{path}: misses {' and '.join(missing)}; is it an adapter_config.json?")
     if not _whole(num_layers) or not 1 <= num_layers <= n_layers:
         raise CheckpointError(f"{path}: num_layers {num_layers!r:.60} does not fit a model of {n_layers} layers")
     if not isinstance(p, dict):
