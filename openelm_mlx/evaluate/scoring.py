@@ -137,6 +137,7 @@ def loglikelihood(
         tokens += _score_batch(model, batch, fitted, results)
         bar.update(sum(len(rows) for _, rows in batch))
         bar.set_postfix_str(f"{tokens / max(time.perf_counter() - tic, 1e-9):.0f} tok/s", refresh=False)
+    bar.refresh()  # tqdm draws at most every 0.1 s: without this the last drawn state (e.g. 75%) is what stays
     bar.close()
     return results  # type: ignore[return-value]
 
