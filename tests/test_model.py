@@ -49,3 +49,14 @@ def test_batch_rows_are_independent(tiny_model):
     batch = mx.array([TOKENS, TOKENS[::-1]])
     out = tiny_model(batch)
     assert mx.allclose(out[1], tiny_model(mx.array([TOKENS[::-1]]))[0], atol=1e-5)
+
+
+def test_one_token_per_row_as_a_flat_batch_equals_the_usual_shape(tiny_model):
+    """tokens (B,) after a cache give logits (B, V): the rows the compiled decode step runs the layers on."""
+    batch = mx.array([TOKENS[:6], TOKENS[6:12]])
+    usual, flat = make_prompt_cache(tiny_model), make_prompt_cache(tiny_model)
+    tiny_model(batch, cache=usual), tiny_model(batch, cache=flat)
+    nxt = mx.array([TOKENS[12], TOKENS[0]])
+    expected = tiny_model(nxt[:, None], cache=usual)[:, 0]
+    got = tiny_model(nxt, cache=flat)
+    assert got.shape == expected.shape and mx.allclose(got, expected, atol=1e-5, rtol=1e-5)
