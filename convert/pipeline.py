@@ -374,9 +374,19 @@ def _require_gguf() -> None:
 
 
 def export_gguf(
-    src: str | Path, dst: str | Path, outtype: str = "f16", force: bool = False, name: str | None = None
+    src: str | Path,
+    dst: str | Path,
+    outtype: str = "f16",
+    force: bool = False,
+    name: str | None = None,
+    *,
+    beside_source: bool = False,
+    option: str = "output",
 ) -> GGUFReport:
     """Write an MLX model folder as one GGUF file in llama.cpp's `openelm` layout, tokenizer embedded.
+
+    `dst` may lie inside `src` only with `beside_source` (`fuse --export-gguf` into the folder it just wrote);
+    `option` names `dst` in errors.
 
     A quantized model is dequantized first (the report says so). f32/f16/bf16/q8_0/q4_0 are written
     with the gguf package; q4_k_m and q6_k need llama.cpp's quantizer (`llama-cpp-python`).
@@ -395,7 +405,7 @@ def export_gguf(
         raise OptionError("outtype", f"must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     _require_gguf()
     src = Path(src)
-    dst = check_output_file(dst, force, [src], "inputs", "GGUF file")
+    dst = check_output_file(dst, force, [] if beside_source else [src], "inputs", "GGUF file", option)
     if OUTTYPES[outtype][0] in NEEDS_LLAMA_CPP:
         _llama_cpp(outtype)
     model = load_model(src, lazy=True)

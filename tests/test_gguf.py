@@ -446,6 +446,9 @@ def test_fuse_writes_the_fused_model_as_gguf(tmp_path):
     base = _weights(load_model(DEMO_DIR))
     assert all(np.array_equal(fused[k], back[k]) for k in fused)
     assert any(not np.array_equal(fused[k], base[k]) for k in fused)  # the adapters are in it
+    inside = [*args[:-1], str(tmp_path / "m2"), "--export-gguf", str(tmp_path / "m2" / "m.gguf")]
+    result = runner.invoke(app, inside)  # the GGUF may go in the folder the fuse writes
+    assert result.exit_code == 0 and (tmp_path / "m2" / "m.gguf").is_file(), result.output
 
 
 # --- inside llama.cpp -------------------------------------------------------------------------------------

@@ -112,4 +112,5 @@ def fuse(
             from ..convert.pipeline import export_gguf as write_gguf
             from .convert import echo_gguf_report
 
-            echo_gguf_report(write_gguf(output, export_gguf, gguf_outtype, force=force))
+            options = dict(force=force, beside_source=True, option="export_gguf")  # its own output's folder may hold it
+            echo_gguf_report(write_gguf(output, export_gguf, gguf_outtype, **options))
