@@ -284,6 +284,20 @@ def test_more_shots_than_a_task_has_examples_is_one_line():
     assert result.output.count("error:") == 1 and "Traceback" not in result.output
 
 
+@needs_lm_eval
+def test_shots_drawn_from_the_evaluated_split_leave_the_evaluated_example_out(tmp_path):
+    import shutil
+
+    shutil.copy(TASK_YAML.with_suffix(".jsonl"), tmp_path)
+    task = tmp_path / "same_split.yaml"
+    task.write_text(TASK_YAML.read_text().replace("test_split: test", "test_split: test\nfewshot_split: test"))
+    result = _cli("--tasks", str(task), "--num-fewshot", "40", "--limit", "2")
+    assert result.exit_code == 1, result.output
+    assert "40 is more than task shakespeare_next_line has 39 examples to draw (the evaluated one left out)" in (
+        result.output
+    )
+
+
 def test_cloze_line_longer_than_the_context_is_named_by_file_and_line(tmp_path):
     data = tmp_path / "t.txt"
     lines = [f"a line of text number {i}" for i in range(40)]

@@ -276,25 +276,23 @@ def _no_git_probe() -> Iterator[None]:
 
 
 def _check_fewshot(tasks: Sequence[Any], num_fewshot: int | None) -> None:
-    """Each task has the examples its few-shot prompts draw (lm-eval draws one more when they come from the evaluated
-    split, to leave the evaluated example out); lm-eval itself fails mid-run with "Sample larger than population".
+    """Each task has the examples its few-shot prompts draw; lm-eval itself fails mid-run with "Sample larger than
+    population". Its rules (0.4): a task whose config pins num_fewshot to 0 keeps 0 whatever `num_fewshot` says, and
+    when the few-shot split is the evaluated one (both unset included) one more is drawn, to leave the evaluated
+    example out.
 
     Raises:
         OptionError: `num_fewshot` is more than a task can draw. DataError: a task file's own num_fewshot is.
     """
     for task in tasks:
-        if not hasattr(task, "fewshot_docs"):  # a group: its tasks are in `tasks` too
+        sampler, config = getattr(task, "sampler", None), getattr(task, "config", None)
+        if sampler is None or config is None or config.num_fewshot == 0:  # a group, no examples, or pinned to 0
             continue
-        config = task.config
         shots = num_fewshot if num_fewshot is not None else config.num_fewshot
         if not shots:
             continue
-        docs = task.fewshot_docs()
-        if docs is None:
-            continue
-        fewshot_split = getattr(getattr(task, "fewshot_cfg", None), "split", None)
-        same = fewshot_split is not None and fewshot_split == config.test_split
-        have = len(docs) - (1 if same else 0)
+        same = getattr(getattr(task, "fewshot_cfg", None), "split", None) == config.test_split
+        have = max(len(sampler.fewshot_docs()) - same, 0)  # the pool lm-eval built (made once, cached)
         if shots > have:
             what = f"task {config.task} has {have} examples to draw" + (" (the evaluated one left out)" if same else "")
             if num_fewshot is None:
