@@ -294,6 +294,11 @@ def test_cli_prompts_file_from_stdin_and_empty_stop(demo):
                                 input="ROMEO:\nJULIET:\n\n")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == answers
+    odd = "\ufeffROMEO: a\x0cb\u2028c\r\nJULIET:\n".encode()  # a BOM, a form feed, U+2028, CRLF
+    result = CliRunner().invoke(app, ["generate", "--max-tokens", "1", "--prompts-file", "-", "--json"], input=odd)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.split("\n")[:-1]  # (str.splitlines would split the JSON at U+2028 too)
+    assert [json.loads(line)["prompt"] for line in lines] == ["ROMEO: a\x0cb\u2028c", "JULIET:"]
     twice = CliRunner().invoke(app, ["generate", "--prompt", "-", "--prompts-file", "-"], input="x\n")
     assert twice.exit_code == 1 and "'-' (stdin) can be given once" in twice.output
     empty = CliRunner().invoke(app, ["generate", "--prompt", "x", "--stop", ""])

@@ -190,10 +190,12 @@ def _prompt_lines(name: str, data: bytes) -> list[tuple[str, str]]:
     if b"\0" in data:
         raise DataError(f"{name}: holds NUL bytes; --prompts-file takes a text file, one prompt per line")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
     except UnicodeDecodeError as e:
         raise DataError(f"{name}: is not UTF-8 text (byte {e.start}); one prompt per line") from None
-    lines = text.splitlines()
+    # Lines end at "\n" (and "\r\n") only: str.splitlines also splits at form feeds, U+2028 and others, which would
+    # make one line two prompts and shift every answer after it.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
@@ -210,8 +212,9 @@ def _check_fit(m: Any, tok: Any, sources: Sequence[str], prompts: Sequence[str],
     from ..generation.settings import check_context
 
     for source, p in zip(sources, prompts):
+        ids = encode_prompt(tok, p, system, chat)  # its errors (--system without a template, ...) are not the line's
         try:
-            check_context(m, encode_prompt(tok, p, system, chat))
+            check_context(m, ids)
         except OptionError as e:
             if source == "--prompt":
                 raise

@@ -169,7 +169,9 @@ def evaluate_cloze(
         DataError: naming the file when it is missing, empty, binary or too short.
     """
     text = "\n".join(read_documents([path]))
-    lines = [] if Path(path).suffix in JSONL_SUFFIXES else text.splitlines()  # a text file's lines are the file's
+    # a text file's lines, counted as editors count them (make_cloze_items splits as str.splitlines, which also ends a
+    # line at a form feed or U+2028: such a line is named by its text instead)
+    lines = [] if Path(path).suffix in JSONL_SUFFIXES else [s.removesuffix("\r") for s in text.split("\n")]
 
     def where(line: str) -> str:
         return f"{path}:{lines.index(line) + 1}" if line in lines else f"{path}: the line {line[:40]!r}"
