@@ -297,17 +297,19 @@ def _check_parent(path: Path, option: str) -> None:
     """The folder `path` goes in can take a new file: its nearest existing ancestor is a folder, and the folder
     itself (when it exists) lets a file be made in it (tried: access rights do not tell on read-only mounts).
     A missing folder is made when the file is written."""
-    folder = next(p for p in path.absolute().parents if p.exists() or p == p.parent)
+    # the nearest existing ancestor (a dangling link counts: the write would fail on it)
+    folder = next(p for p in path.absolute().parents if p.exists() or p.is_symlink() or p == p.parent)
     if not folder.is_dir():
         raise OptionError(option, f"{path}: {folder} is not a folder")
-    if folder != path.absolute().parent:
-        return
-    try:
+    try:  # in the folder itself, or in the ancestor the missing folders would be made in
         fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.probe-")
     except OSError as e:
         raise OptionError(option, f"{path}: cannot make a file in {folder} ({e.strerror or e})") from None
-    os.close(fd)
-    os.unlink(probe)
+    try:
+        os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -74,7 +74,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = kernels.attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        out = (out if L == 1 else out.transpose(0, 2, 1, 3)).reshape(*x.shape[:-1], -1)  # (B, L, n_heads * head_dim)
+        out = (out if L == 1 else out.transpose(0, 2, 1, 3)).reshape(*x.shape[:-1], -1)  # (B, [L,] n_heads * head_dim)
         return self.out_proj(out)
 
     def _qk_norm_weight(self) -> mx.array:

@@ -232,7 +232,7 @@ def _compiled_step(model: Model, exp: Exp) -> _CompiledStep:
     return steps[exp]
 
 
-def _trace_key(model: Model, tokens: mx.array, keys: mx.array, window: int) -> tuple:
+def _trace_key(model: Model, tokens: mx.array, keys: mx.array, start: mx.array, window: int) -> tuple:
     """What makes MLX trace the step again: input shapes and dtypes, and which modules the weights sit in (the
     projections of the first and last layer, the embedding and head, where quantization and adapters go)."""
     # Read as dict items (modules are dicts): attribute access on a module costs a Python call each, and this runs
@@ -243,7 +243,7 @@ def _trace_key(model: Model, tokens: mx.array, keys: mx.array, window: int) -> t
     for layer in (layers[0], layers[-1]):
         attn, ffn = layer["attn"], layer["ffn"]
         modules += [attn["qkv_proj"], attn["out_proj"], ffn["proj_1"], ffn["proj_2"]]
-    return (tokens.shape, tokens.dtype, keys.shape, keys.dtype, window, *map(id, modules))
+    return (tokens.shape, tokens.dtype, keys.shape, keys.dtype, start.shape, window, *map(id, modules))
 
 
 class CompiledDecoder:
@@ -279,7 +279,7 @@ class CompiledDecoder:
         # A plain cache's rows are all at `column`, none padded: (1,) broadcasts over the rows.
         start = _zeros(1) if kind is KVCache else cache[0].left_padding.astype(mx.int32)
         window = min(cache[0].keys.shape[2], (column // WINDOW_STEP + 1) * WINDOW_STEP)
-        key = _trace_key(model, tokens, cache[0].keys, window)
+        key = _trace_key(model, tokens, cache[0].keys, start, window)
         # While MLX traces, the model holds placeholder arrays; an exception there (Ctrl-C in `chat`) would leave
         # them in place, so the weights are put back from a copy taken before each trace.
         saved = None if key in self._compiled.traced else model.parameters()
