@@ -2,7 +2,7 @@
 
 1. `generate(model, tok, [8 prompts])` vs the same 8 prompts one after another (tokens/s of each, alternated).
 2. With --baseline OLD_CHECKOUT: single-stream decode tokens/s of this checkout and the old one on the same weights,
-   both imported in one process (the old one under another name) and their tokens generated in turn, one by one.
+   both imported in one process (the old one under another name), whole runs in turn.
 
     python benchmarks/batch_generate.py [--arch OpenELM-270M | demo] [--prompts 8] [-g 64] [--baseline DIR]
         [--single-tokens 300] [--repeats 3]
@@ -51,27 +51,28 @@ def _generate_tokens(package: ModuleType) -> Callable[..., Iterator[int]]:
 
 
 def single_stream(baseline: ModuleType, folder: Path, p: int, g: int, repeats: int) -> dict[str, list[float]]:
-    """Decode tokens/s of one stream from each package on the same weights, their tokens interleaved one by one (so
-    the machine's drift hits both alike): `repeats` runs of `g` tokens after a `p`-token prompt (its first token,
-    which includes the prompt, not counted)."""
+    """Decode tokens/s of one stream from each package on the same weights, in one process: `repeats` runs of `g`
+    tokens after a `p`-token prompt each (the first token, which includes the prompt, not counted), the two packages
+    in turn, the order swapped every run. A run goes to its end before the other starts: the steps are launched
+    asynchronously, so interleaving the two token by token would time each package's wait for the other's step."""
     packages = {"ours": openelm_mlx, "baseline": baseline}
     models = {k: pkg.load_model(folder) for k, pkg in packages.items()}
     generate_tokens = {k: _generate_tokens(pkg) for k, pkg in packages.items()}
     ids = list(range(3, 3 + p))
+
+    def rate(k: str) -> float:
+        stream = generate_tokens[k](models[k], ids, max_tokens=g, eos_ids=())
+        next(stream)
+        tic = time.perf_counter()
+        n = sum(1 for _ in stream)
+        return n / (time.perf_counter() - tic)
+
     rates: dict[str, list[float]] = {k: [] for k in packages}
     for run in range(repeats + 1):  # the first run warms both up (traces)
-        streams = {k: generate_tokens[k](models[k], ids, max_tokens=g, eos_ids=()) for k in packages}
-        for stream in streams.values():
-            next(stream)
-        seconds = dict.fromkeys(packages, 0.0)
-        for i in range(g - 1):
-            for k in ("ours", "baseline") if i % 2 else ("baseline", "ours"):
-                tic = time.perf_counter()
-                next(streams[k])
-                seconds[k] += time.perf_counter() - tic
-        if run:
-            for k in packages:
-                rates[k].append((g - 1) / seconds[k])
+        for k in ("ours", "baseline") if run % 2 else ("baseline", "ours"):
+            tok_s = rate(k)
+            if run:
+                rates[k].append(tok_s)
     return rates
 
 
