@@ -83,8 +83,6 @@ def check_results_file(path: str | Path, force: bool = False, inputs: Sequence[s
     Raises:
         OptionError: naming `output` or `force`.
     """
-    if not str(path).strip():
-        raise OptionError("output", "is an empty path")
     path = Path(path)
     if path.is_dir():
         raise OptionError("output", f"{path} is a folder; name a .json file")
